@@ -1,0 +1,15 @@
+"""Exceptions shared across peftjax; each message names the offending path, key or value."""
+
+
+class CheckpointError(ValueError):
+  """A checkpoint (directory, safetensors, GGUF, adapter) is missing, corrupt or does not fit.
+
+  >>> raise CheckpointError('/m/model.safetensors: tensor lm_head.weight missing')
+  Traceback (most recent call last):
+  ...
+  peftjax.errors.CheckpointError: /m/model.safetensors: tensor lm_head.weight missing
+  """
+
+
+class UnsupportedModelError(ValueError):
+  """The checkpoint's architecture / model_type is not in the model zoo."""
