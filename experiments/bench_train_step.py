@@ -1,0 +1,381 @@
+"""Train-step benchmark: peftjax (JAX/Flax) against Hugging Face transformers + PEFT (PyTorch).
+
+Both frameworks train the same model on the same batch with LoRA and AdamW (lr 1e-4, weight
+decay 0.01, constant schedule). Each (config, framework) runs in its own subprocess, so its peak
+memory is its own. The JAX step is the library's real path: ``methods.get('lora', ...).apply``,
+``train.state.init_train_state``, ``train.step.make_train_step`` and the chunked LM loss
+(``objectives.lm.chunked_nll`` on the final hidden states, so the [B, T, vocab] logits never
+exist).
+
+  .venv/bin/python experiments/bench_train_step.py                     # SmolLM2-135M, CPU
+  .venv/bin/python experiments/bench_train_step.py --configs qv --frameworks jax --steps 5
+  .venv/bin/python experiments/bench_train_step.py --device-model 1b   # ~1.1B bf16, for a GPU
+
+Reported per row: median seconds/step over ``--steps`` timed steps after ``--warmup`` (JAX's
+compile time separately), tokens/s, peak RSS of the process and of the training phase alone
+(VmHWM reset after loading), the loss of the first step (a parity check: LoRA starts as the
+identity, so both frameworks start at the base model's loss), FLOP/s as a fraction of a measured
+matmul peak: XLA's ``cost_analysis()['flops']`` of the compiled step (it counts the chunked loss's
+recomputed logits) and an analytic model count (forward + activation gradients; the same number
+for both frameworks).
+"""
+import argparse
+import json
+import os
+import pathlib
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from anywhere
+
+SMOLLM = 'smollm2-135m-instruct'
+LR, WEIGHT_DECAY = 1e-4, 0.01
+# name -> (rank, alpha, HF PEFT target_modules)
+CONFIGS = {
+    'qv': (8, 16, ['q_proj', 'v_proj']),
+    'all': (16, 32, 'all-linear'),
+}
+# Llama-shaped random models for accelerator runs (TinyLlama-1.1B's shape), as HF config dicts.
+DEVICE_MODELS = {
+    '1b': dict(model_type='llama', vocab_size=32000, hidden_size=2048, intermediate_size=5632,
+               num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
+               max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False),
+}
+RESULT = 'RESULT '
+
+
+def parse_args():
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--steps', type=int, default=10, help='timed steps (median reported)')
+  p.add_argument('--warmup', type=int, default=2, help='untimed steps after compilation (>= 1)')
+  p.add_argument('--batch', type=int, default=4)
+  p.add_argument('--seq', type=int, default=128)
+  p.add_argument('--configs', default='qv,all', help=f'comma list of {sorted(CONFIGS)}')
+  p.add_argument('--frameworks', default='jax,torch', help='comma list of jax, torch')
+  p.add_argument('--data', choices=['random', 'chatterbot'], default='random',
+                 help='uniform random token ids, or the chatterbot corpus tokenised and cut')
+  p.add_argument('--device-model', choices=sorted(DEVICE_MODELS),
+                 help='a random bf16 Llama of this size instead of SmolLM2 (meant for a GPU)')
+  p.add_argument('--scan-layers', action='store_true', help='JAX: nn.scan over layers')
+  p.add_argument('--remat', action='store_true', help='JAX: rematerialise each layer')
+  p.add_argument('--loss-chunk', type=int, default=512, help='JAX: tokens per chunked-loss block')
+  p.add_argument('--peak-size', type=int, default=2048, help='n of the n^3 peak matmul')
+  p.add_argument('--threads', type=int, default=len(os.sched_getaffinity(0)),
+                 help='torch.set_num_threads (XLA uses every core)')
+  p.add_argument('--json', help='also write the results here')
+  p.add_argument('--worker', choices=['jax', 'torch', 'peak'], help=argparse.SUPPRESS)
+  p.add_argument('--config', help=argparse.SUPPRESS)
+  p.add_argument('--batch-file', help=argparse.SUPPRESS)
+  return p.parse_args()
+
+
+# ----------------------------------------------------------------------------- model and data
+
+def model_hf_config(args) -> dict:
+  if args.device_model:
+    return DEVICE_MODELS[args.device_model]
+  from peftjax.models import checkpoint
+  return checkpoint.open_checkpoint(SMOLLM).config
+
+
+def make_batch(args, vocab_size: int) -> np.ndarray:
+  """int32 token ids [batch, seq]: seeded uniform ids, or chatterbot pairs joined by EOS."""
+  n = args.batch * args.seq
+  if args.data == 'random':
+    return np.random.default_rng(0).integers(0, vocab_size, (args.batch, args.seq), np.int32)
+  from peftjax.data import sources
+  from peftjax.models import tokenizer
+  tok = tokenizer.load_tokenizer(SMOLLM)
+  ids = []
+  for row in sources.chatterbot_pairs(deduplicate=True):
+    ids += tok(f"{row['prompt']}\n{row['response']}")['input_ids'] + [tok.eos_token_id]
+    if len(ids) >= n:
+      return np.asarray(ids[:n], np.int32).reshape(args.batch, args.seq)
+  raise ValueError(f'chatterbot corpus has fewer than {n} tokens')
+
+
+def model_flops(hf: dict, rank: int, targets, tokens: int, seq: int) -> float:
+  """Analytic FLOPs of one LoRA step: 2x the forward (forward + activation gradients; frozen
+  weights get no weight gradient) plus the adapter's weight gradients. Attention counts the full
+  T x T scores, as the implementations compute them."""
+  d, f, layers = hf['hidden_size'], hf['intermediate_size'], hf['num_hidden_layers']
+  hd = hf.get('head_dim') or d // hf['num_attention_heads']
+  q, kv = hf['num_attention_heads'] * hd, hf['num_key_value_heads'] * hd
+  linears = {'q_proj': (d, q), 'k_proj': (d, kv), 'v_proj': (d, kv), 'o_proj': (q, d),
+             'gate_proj': (d, f), 'up_proj': (d, f), 'down_proj': (f, d)}
+  adapted = linears if targets == 'all-linear' else {k: linears[k] for k in targets}
+  dense = sum(i * o for i, o in linears.values())
+  lora = sum(rank * (i + o) for i, o in adapted.values())
+  attention = 2 * seq * q
+  forward = 2 * tokens * (layers * (dense + lora + attention) + d * hf['vocab_size'])
+  return 2 * forward + 2 * tokens * layers * lora
+
+
+# ----------------------------------------------------------------------------- memory
+
+def reset_peak_rss():
+  """Resets the kernel's peak-RSS mark (VmHWM) of this process; returns the current RSS in MiB."""
+  with open('/proc/self/clear_refs', 'w') as f:
+    f.write('5')
+  return _status_mib('VmRSS')
+
+
+def _status_mib(field: str) -> float:
+  for line in open('/proc/self/status'):
+    if line.startswith(field + ':'):
+      return int(line.split()[1]) / 1024
+  raise KeyError(field)
+
+
+def memory_report(rss_after_load: float) -> dict:
+  return {'rss_after_load_mib': rss_after_load, 'train_peak_rss_mib': _status_mib('VmHWM'),
+          'process_peak_rss_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+# ----------------------------------------------------------------------------- workers
+
+def time_steps(run_step, warmup: int, steps: int) -> tuple[list[float], float]:
+  """Runs ``warmup`` then ``steps`` synchronous steps; returns (per-step seconds, first loss)."""
+  first = run_step()
+  for _ in range(warmup - 1):
+    run_step()
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    run_step()
+    times.append(time.perf_counter() - t)
+  return times, first
+
+
+def jax_worker(args, ids: np.ndarray) -> dict:
+  import jax
+  import jax.numpy as jnp
+  from peftjax import methods, sharding
+  from peftjax.methods import targets
+  from peftjax.models import auto, registry
+  from peftjax.objectives import lm
+  from peftjax.train import optim, step as step_lib, state as state_lib
+
+  dtype = jnp.bfloat16 if args.device_model else jnp.float32
+  overrides = dict(scan_layers=args.scan_layers, remat=args.remat)
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  rules = sharding.DEFAULT_RULES
+  t0 = time.perf_counter()
+  if args.device_model:
+    config = registry.config_from_hf(model_hf_config(args), dtype=dtype, param_dtype=dtype, **overrides)
+    module = registry.build(config, 'causal_lm')
+    variables, base_sh, axes = sharding.sharded_init(module.init, mesh, rules, jax.random.key(0),
+                                                     jnp.ones((1, 2), jnp.int32))
+    params, base_sh, base_axes = variables['params'], base_sh['params'], axes['params']
+  else:
+    pre = auto.load_pretrained(SMOLLM, dtype=dtype, **overrides)
+    module, config = pre.module, pre.config
+    boxed = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.ones((1, 2), jnp.int32)))
+    base_axes = sharding.logical_axes(boxed['params'])
+    base_sh = sharding.param_shardings(boxed['params'], mesh, rules)
+    params = jax.device_put(pre.params, base_sh)
+  jax.block_until_ready(params)
+  load_s = time.perf_counter() - t0
+
+  rank, alpha, names = CONFIGS[args.config]
+  target = targets.ALL_LINEAR if names == 'all-linear' else targets.suffix_regex(names)
+  method = methods.get('lora', rank=rank, alpha=alpha, target=target)
+  tx = optim.make_optimizer({'learning_rate': LR, 'total_steps': 1, 'schedule': 'constant',
+                             'weight_decay': WEIGHT_DECAY})
+  state, state_sh = state_lib.init_train_state(method.init, tx, jax.random.key(1), params,
+                                               base_axes, mesh, rules)
+  apply = method.apply(module.apply)
+  tied = config.tie_word_embeddings
+
+  def loss_fn(adapter, base, batch, rng):
+    hidden = apply(adapter, base, batch['input_ids'], attention_mask=batch['attention_mask'],
+                   deterministic=False, rngs={'dropout': rng}).hidden
+    kernel = base['model']['embed_tokens']['embedding'] if tied else base['lm_head']['kernel']
+    labels, mask = lm.next_token_targets(batch['input_ids'], batch['attention_mask'])
+    nll, count = lm.chunked_nll(hidden, kernel.astype(hidden.dtype), labels, mask,
+                                chunk=args.loss_chunk, tied=tied)
+    return nll / jnp.maximum(count, 1.0), {}
+
+  batch_sh = sharding.batch_sharding(mesh)
+  step = step_lib.make_train_step(loss_fn, tx, state_shardings=state_sh, base_shardings=base_sh,
+                                  batch_sharding=batch_sh,
+                                  compute_dtype=dtype if args.device_model else None)
+  batch = jax.device_put({'input_ids': jnp.asarray(ids), 'attention_mask': jnp.ones_like(ids)},
+                         batch_sh)
+  rss_after_load = reset_peak_rss()
+  t0 = time.perf_counter()
+  compiled = step.lower(state, params, batch).compile()
+  compile_s = time.perf_counter() - t0
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+
+  def run_step():
+    nonlocal state
+    state, metrics = compiled(state, params, batch)
+    return float(metrics['loss'])
+
+  times, first_loss = time_steps(run_step, args.warmup, args.steps)
+  out = dict(load_s=load_s, compile_s=compile_s, step_times=times, first_loss=first_loss,
+             xla_flops=float(cost['flops']), backend=jax.default_backend(),
+             trainable=int(sum(x.size for x in jax.tree.leaves(state.adapter))),
+             **memory_report(rss_after_load))
+  stats = jax.devices()[0].memory_stats() or {}
+  if 'peak_bytes_in_use' in stats:
+    out['device_peak_mib'] = stats['peak_bytes_in_use'] / 2**20
+  return out
+
+
+def torch_worker(args, ids: np.ndarray) -> dict:
+  import peft
+  import torch
+  import transformers
+
+  torch.set_num_threads(args.threads)
+  device = 'cuda' if torch.cuda.is_available() else 'cpu'
+  t0 = time.perf_counter()
+  if args.device_model:
+    dtype = torch.bfloat16
+    hf = transformers.LlamaConfig(**{k: v for k, v in model_hf_config(args).items() if k != 'model_type'})
+    model = transformers.LlamaForCausalLM(hf).to(device=device, dtype=dtype)
+  else:
+    from peftjax import assets
+    gguf = assets.path(SMOLLM)
+    model = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                              dtype=torch.float32).to(device)
+  rank, alpha, names = CONFIGS[args.config]
+  model = peft.get_peft_model(model, peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=names,
+                                                     lora_dropout=0.0, task_type='CAUSAL_LM'))
+  model.train()
+  trainable = [p for p in model.parameters() if p.requires_grad]  # float32 (PEFT's autocast)
+  opt = torch.optim.AdamW(trainable, lr=LR, weight_decay=WEIGHT_DECAY)
+  input_ids = torch.from_numpy(ids).long().to(device)
+  mask = torch.ones_like(input_ids)
+  load_s = time.perf_counter() - t0
+  rss_after_load = reset_peak_rss()
+
+  def run_step():
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=bool(args.device_model)):
+      loss = model(input_ids=input_ids, attention_mask=mask, labels=input_ids).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item()
+
+  times, first_loss = time_steps(run_step, args.warmup, args.steps)
+  out = dict(load_s=load_s, compile_s=0.0, step_times=times, first_loss=first_loss,
+             backend=device, trainable=int(sum(p.numel() for p in trainable)),
+             torch_threads=torch.get_num_threads(), **memory_report(rss_after_load))
+  if device == 'cuda':
+    out['device_peak_mib'] = torch.cuda.max_memory_allocated() / 2**20
+  return out
+
+
+def peak_worker(args) -> dict:
+  """Matmul throughput of one jitted n x n x n ``jnp.dot`` (float32 on CPU, bf16 otherwise)."""
+  import jax
+  import jax.numpy as jnp
+  n = args.peak_size
+  dtype = jnp.float32 if jax.default_backend() == 'cpu' else jnp.bfloat16
+  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+  b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+  dot = jax.jit(jnp.dot)
+  dot(a, b).block_until_ready()
+  times = []
+  for _ in range(10):
+    t = time.perf_counter()
+    dot(a, b).block_until_ready()
+    times.append(time.perf_counter() - t)
+  return {'peak_flops': 2 * n**3 / statistics.median(times), 'n': n, 'dtype': jnp.dtype(dtype).name}
+
+
+# ----------------------------------------------------------------------------- driver
+
+def spawn(args, worker: str, config: str | None = None, batch_file: str | None = None) -> dict:
+  cmd = [sys.executable, __file__, *sys.argv[1:], '--worker', worker]
+  cmd += ['--config', config] if config else []
+  cmd += ['--batch-file', batch_file] if batch_file else []
+  proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith(RESULT)]
+  if proc.returncode or not lines:
+    raise RuntimeError(f'{worker} worker ({config}) failed with exit code {proc.returncode}')
+  return json.loads(lines[-1][len(RESULT):])
+
+
+def summarize(rows: list[dict], peak: float) -> list[dict]:
+  torch_time = {r['config']: r['s_per_step'] for r in rows if r['framework'] == 'torch'}
+  for r in rows:
+    r['tokens_per_s'] = r['tokens'] / r['s_per_step']
+    r['model_flops_per_s'] = r['model_flops'] / r['s_per_step']
+    r['model_frac_peak'] = r['model_flops_per_s'] / peak
+    if 'xla_flops' in r:
+      r['xla_flops_per_s'] = r['xla_flops'] / r['s_per_step']
+      r['xla_frac_peak'] = r['xla_flops_per_s'] / peak
+    if r['config'] in torch_time:
+      r['time_vs_torch'] = r['s_per_step'] / torch_time[r['config']]
+  return rows
+
+
+def format_table(rows: list[dict]) -> str:
+  head = ('| config | framework | trainable | compile s | s/step (median) | tokens/s | '
+          'peak RSS MiB (process / train) | time vs torch | first loss | XLA GFLOP/step | '
+          'XLA GFLOP/s (% peak) | model GFLOP/s (% peak) |')
+  lines = [head, '|' + '---|' * head.count(' | ') + '---|']
+  for r in rows:
+    xla = (f"{r['xla_flops'] / 1e9:.1f}", f"{r['xla_flops_per_s'] / 1e9:.1f} ({100 * r['xla_frac_peak']:.0f}%)"
+           ) if 'xla_flops' in r else ('-', '-')
+    mem = f"{r['process_peak_rss_mib']:.0f} / {r['train_peak_rss_mib']:.0f}"
+    if 'device_peak_mib' in r:
+      mem += f" (device {r['device_peak_mib']:.0f})"
+    lines.append(
+        f"| {r['config']} | {r['framework']} | {r['trainable']:,} | "
+        f"{r['compile_s']:.1f} | {r['s_per_step']:.3f} | {r['tokens_per_s']:.0f} | {mem} | "
+        f"{r.get('time_vs_torch', float('nan')):.2f} | {r['first_loss']:.4f} | {xla[0]} | {xla[1]} | "
+        f"{r['model_flops_per_s'] / 1e9:.1f} ({100 * r['model_frac_peak']:.0f}%) |")
+  return '\n'.join(lines)
+
+
+def main():
+  args = parse_args()
+  if args.worker:
+    if args.worker == 'peak':
+      result = peak_worker(args)
+    else:
+      ids = np.load(args.batch_file)
+      result = (jax_worker if args.worker == 'jax' else torch_worker)(args, ids)
+    print(RESULT + json.dumps(result), flush=True)
+    return
+  configs, frameworks = args.configs.split(','), args.frameworks.split(',')
+  hf = model_hf_config(args)
+  ids = make_batch(args, hf['vocab_size'])
+  rows = []
+  with tempfile.TemporaryDirectory() as tmp:
+    batch_file = os.path.join(tmp, 'ids.npy')
+    np.save(batch_file, ids)
+    for config in configs:
+      rank, _, names = CONFIGS[config]
+      for framework in frameworks:
+        print(f'running {framework} {config} ...', file=sys.stderr, flush=True)
+        r = spawn(args, framework, config, batch_file)
+        r.update(config=config, framework=framework, tokens=ids.size,
+                 s_per_step=statistics.median(r['step_times']),
+                 model_flops=model_flops(hf, rank, names, ids.size, args.seq))
+        rows.append(r)
+  peak = spawn(args, 'peak')
+  rows = summarize(rows, peak['peak_flops'])
+  print(format_table(rows))
+  print(f"matmul peak ({peak['n']}^3 {peak['dtype']} jnp.dot): {peak['peak_flops'] / 1e9:.1f} GFLOP/s; "
+        f"nproc {os.cpu_count()}, load average {os.getloadavg()}")
+  if args.json:
+    machine = dict(nproc=os.cpu_count(), loadavg=os.getloadavg(), uname=' '.join(os.uname()))
+    pathlib.Path(args.json).write_text(json.dumps(
+        dict(args=vars(args), machine=machine, peak=peak, rows=rows), indent=1))
+
+
+if __name__ == '__main__':
+  main()

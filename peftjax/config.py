@@ -1,0 +1,57 @@
+"""Helpers for ml-collections configs: big_vision-style arguments and per-method PEFT defaults.
+
+>>> parse_arg('method=dora,runlocal', method='lora', runlocal=False, rank=8)
+{'method': 'dora', 'runlocal': True, 'rank': 8}
+>>> peft_defaults('lora')['rank']
+8
+"""
+from __future__ import annotations
+
+import ml_collections
+
+# Hyper-parameters per method name (``peftjax.methods.get`` kwargs) plus the learning rate the
+# configs use unless told otherwise. Targets default to HF PEFT's per-family defaults.
+PEFT_DEFAULTS = {
+    'full': dict(learning_rate=5e-5),
+    'bitfit': dict(learning_rate=1e-3),
+    'lora': dict(rank=8, alpha=16.0, dropout=0.05, learning_rate=1e-3),
+    'rslora': dict(rank=8, alpha=16.0, dropout=0.05, learning_rate=1e-3),
+    'dora': dict(rank=8, alpha=16.0, dropout=0.05, learning_rate=1e-3),
+    'ia3': dict(learning_rate=3e-3),
+    'houlsby': dict(bottleneck=64, learning_rate=1e-3),
+    'pfeiffer': dict(bottleneck=64, learning_rate=1e-3),
+}
+
+
+def parse_arg(arg: str | None, **defaults) -> dict:
+  """Parses ``k=v,flag`` into a dict, typed after ``defaults``; unknown keys are an error."""
+  out = dict(defaults)
+  for item in filter(None, (arg or '').split(',')):
+    key, sep, value = item.partition('=')
+    if key not in defaults:
+      raise ValueError(f'unknown config argument {key!r} in {arg!r}; valid: {", ".join(defaults)}')
+    kind = type(defaults[key])
+    if kind is bool:
+      out[key] = (value.lower() in ('1', 'true', 'yes')) if sep else True
+    elif defaults[key] is None:
+      out[key] = value
+    else:
+      out[key] = kind(value)
+  return out
+
+
+def peft_defaults(method: str) -> dict:
+  """A copy of the defaults for ``method``; the error lists the valid names."""
+  if method not in PEFT_DEFAULTS:
+    raise ValueError(f'unknown PEFT method {method!r}; valid names: {", ".join(PEFT_DEFAULTS)}')
+  return dict(PEFT_DEFAULTS[method])
+
+
+def distributed_defaults() -> ml_collections.ConfigDict:
+  """``config.distributed``: single process unless set (``--config.distributed.auto=True`` on
+  SLURM / TPU pods, or coordinator address, process count and id); typed so that command-line
+  overrides of the None defaults work."""
+  ref = ml_collections.FieldReference
+  return ml_collections.ConfigDict(dict(
+      auto=False, coordinator_address=ref(None, field_type=str),
+      num_processes=ref(None, field_type=int), process_id=ref(None, field_type=int)))

@@ -1,0 +1,145 @@
+"""The PEFT method abstraction and the mechanism shared by weight-space methods.
+
+A ``PeftMethod`` is three pure functions (in the spirit of optax's
+``GradientTransformation``):
+
+* ``init(rng, base_params) -> adapter``: reads shapes/paths of the base, never writes it.
+* ``apply(apply_fn) -> apply_fn'``: ``apply_fn`` is Flax-style ``apply_fn(variables, *a, **kw)``
+  (e.g. ``model.apply``); ``apply_fn'(adapter, base_params, *a, **kw)`` has the same outputs.
+* ``merge(adapter, base_params) -> base_params'`` folds the adapter into the weights (export,
+  inference), or is None where the method cannot be merged.
+
+Weight-space methods keep the adapter as a nested dict mirroring module paths, e.g.
+``{'model': {'layers_3': {'self_attn': {'q_proj': {'lora_A': ..., 'lora_B': ...}}}}}``, and
+pass it to the model as its own variable collection ``'adapter'``, so ``nn.scan`` with
+``variable_axes={True: 0}`` slices it per layer like params. A ``flax.linen.intercept_methods``
+interceptor wraps every ``nn.Dense`` / ``nn.DenseGeneral`` call whose scope holds adapter
+variables; the model code is never edited. An adapter leaf whose path is also a base param path
+(BitFit biases, full fine-tuning) replaces that param.
+
+>>> import jax, jax.numpy as jnp, flax.linen as nn
+>>> from peftjax import methods
+>>> class Net(nn.Module):
+...   @nn.compact
+...   def __call__(self, x):
+...     return nn.Dense(2, name='head')(nn.Dense(4, name='q_proj')(x))
+>>> model = Net()
+>>> x = jnp.ones((1, 3))
+>>> params = model.init(jax.random.key(0), x)['params']
+>>> lora = methods.lora(rank=2, target='q_proj')
+>>> adapter = lora.init(jax.random.key(1), params)
+>>> y = lora.apply(model.apply)(adapter, params, x)
+>>> bool(jnp.allclose(y, model.apply({'params': params}, x)))  # identity at init (B = 0)
+True
+"""
+import functools
+from typing import Any, Callable, Mapping, NamedTuple, Optional
+
+import flax.linen as nn
+import jax
+
+from peftjax import tree
+
+ADAPTER = 'adapter'  # variable collection holding weight-space adapters
+
+# hook(adapter_vars, module, call, x, train) -> y. ``adapter_vars`` are this Dense's leaves of
+# the adapter collection (non-empty), ``call(x)`` runs the wrapped (inner) Dense call.
+Hook = Callable[[Mapping[str, jax.Array], nn.Module, Callable, jax.Array, bool], jax.Array]
+
+
+class PeftMethod(NamedTuple):
+  """``init(rng, base_params) -> adapter``; ``apply(apply_fn) -> apply_fn'(adapter, base_params,
+  *a, **kw)``, which calls ``apply_fn({'params': ..., 'adapter': adapter, ...}, *a, **kw)`` (the
+  contract ``compose`` relies on); ``merge(adapter, base_params) -> base_params'`` or None."""
+  init: Callable[[jax.Array, Any], Any]
+  apply: Callable[[Callable], Callable]
+  merge: Optional[Callable[[Any, Any], Any]]
+
+
+def substitute(adapter, params):
+  """``params`` with every leaf that ``adapter`` holds at the same path replaced by it."""
+  flat = tree.flatten(params)
+  flat.update((p, v) for p, v in tree.flatten(adapter).items() if p in flat)
+  return tree.unflatten(flat)
+
+
+def by_module(adapter) -> dict[str, dict[str, Any]]:
+  """Adapter leaves grouped by module path: ``{'a/q_proj': {'lora_A': ..., 'lora_B': ...}}``."""
+  groups = {}
+  for path, leaf in tree.flatten(adapter).items():
+    module, _, name = path.rpartition('/')
+    groups.setdefault(module, {})[name] = leaf
+  return groups
+
+
+def _training(kw) -> bool:
+  """Dropout is on for ``deterministic=False``, or, without that kwarg, when a dropout rng is given."""
+  if 'deterministic' in kw:
+    return not kw['deterministic']
+  return 'dropout' in (kw.get('rngs') or {})
+
+
+def _ndim(axes) -> int:
+  return len(axes) if isinstance(axes, (tuple, list)) else 1
+
+
+def _interceptor(hook: Hook, train: bool):
+  def intercept(next_fun, args, kwargs, context):
+    module = context.module
+    if context.method_name != '__call__' or not isinstance(module, (nn.Dense, nn.DenseGeneral)):
+      return next_fun(*args, **kwargs)
+    adapter_vars = module.variables.get(ADAPTER, {})
+    if not adapter_vars:
+      return next_fun(*args, **kwargs)
+    if isinstance(module, nn.DenseGeneral) and (_ndim(module.axis) != 1 or _ndim(module.features) != 1):
+      raise ValueError(f'{"/".join(module.path)}: adapters support DenseGeneral with one input '
+                       f'and one output axis, got axis={module.axis} features={module.features}')
+    x, = args or (kwargs.pop('inputs'),)
+    return hook(adapter_vars, module, lambda x: next_fun(x, **kwargs), x, train)
+  return intercept
+
+
+def weight_space(init, hook: Optional[Hook] = None, merge=substitute) -> PeftMethod:
+  """Builds a weight-space PeftMethod from its ``init``, Dense ``hook`` and ``merge``."""
+  def apply(apply_fn):
+    @functools.wraps(apply_fn)
+    def adapted(adapter, params, *args, **kw):
+      variables = {'params': substitute(adapter, params), ADAPTER: adapter}
+      if hook is None:
+        return apply_fn(variables, *args, **kw)
+      with nn.intercept_methods(_interceptor(hook, _training(kw))):
+        return apply_fn(variables, *args, **kw)
+    return adapted
+  if merge is None:
+    return PeftMethod(init, apply, None)
+  return PeftMethod(init, apply, lambda adapter, params: merge(adapter, nn.meta.unbox(params)))
+
+
+def compose(*methods: PeftMethod) -> PeftMethod:
+  """One method whose adapter holds the (disjoint) adapters of all ``methods``.
+
+  The first method is innermost: its change to a layer is applied (and merged) first.
+
+  >>> from peftjax import methods
+  >>> both = methods.compose(methods.lora(rank=8, target='.*/(q_proj|v_proj)'), methods.bitfit())
+  """
+  def init(rng, params):
+    rngs = jax.random.split(rng, len(methods))
+    return tree.combine(*(m.init(r, params) for m, r in zip(methods, rngs)))
+
+  def apply(apply_fn):
+    # An interceptor entered earlier wraps outside later ones: the last method's apply runs first.
+    for m in methods:
+      inner = m.apply(apply_fn)
+      apply_fn = lambda variables, *a, _inner=inner, **kw: _inner(
+          variables[ADAPTER], variables['params'], *a, **kw)
+    return lambda adapter, params, *a, **kw: apply_fn(
+        {'params': params, ADAPTER: adapter}, *a, **kw)
+
+  def merge(adapter, params):
+    for m in methods:
+      params = m.merge(adapter, params)
+    return params
+
+  mergeable = all(m.merge is not None for m in methods)
+  return PeftMethod(init, apply, merge if mergeable else None)

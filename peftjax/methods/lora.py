@@ -1,0 +1,121 @@
+"""LoRA (Hu et al. 2021), rsLoRA (Kalajdzievski 2023), DoRA (Liu et al. 2024) and LoRA+ groups.
+
+For a targeted Dense with kernel ``W (in, out)`` the adapter holds ``lora_A (in, r)`` (kaiming-
+uniform with a=sqrt(5), as HF PEFT) and ``lora_B (r, out)`` (zeros); the layer computes the
+factored form ``x W + s * (dropout(x) A) B`` with ``s = alpha / r`` (rsLoRA: ``alpha / sqrt(r)``),
+never ``W + s A B``. DoRA adds ``lora_magnitude_vector (out,)`` = column norms of ``W`` and
+rescales each output feature by ``m / ||W + s A B||`` (norm detached, as HF PEFT / the paper).
+Leaves map to HF PEFT names: ``<path>/lora_A`` <-> ``<path>.lora_A.weight`` (transposed).
+
+>>> import jax, jax.numpy as jnp, flax.linen as nn
+>>> model = nn.Dense(8, name='q_proj')
+>>> params = {'q_proj': model.init(jax.random.key(0), jnp.ones((1, 8)))['params']}
+>>> method = lora(rank=2, alpha=4, target='q_proj')
+>>> jax.tree.map(jnp.shape, method.init(jax.random.key(1), params))
+{'q_proj': {'lora_A': (8, 2), 'lora_B': (2, 8)}}
+"""
+import math
+from typing import Callable, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from peftjax import tree
+from peftjax.methods import base, targets
+
+
+def _scale(alpha: float, rank: int, rslora: bool) -> float:
+  return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+def _delta(adapter_vars, scale):
+  """``s * A @ B`` with stacked leading axes, shape ``(*stack, in, out)``."""
+  return scale * jnp.einsum('...ir,...ro->...io', adapter_vars['lora_A'], adapter_vars['lora_B'])
+
+
+def _column_norm(w):
+  return jnp.linalg.norm(w.astype(jnp.float32), axis=-2)
+
+
+def lora(rank: int = 8, alpha: float = 8.0, target: str = targets.ALL_LINEAR,
+         dropout: float = 0.0, rslora: bool = False, dora: bool = False) -> base.PeftMethod:
+  """LoRA on Dense layers whose module path matches ``target`` (see ``targets``).
+
+  ``rank``/``alpha``/``dropout`` are HF PEFT's ``r``/``lora_alpha``/``lora_dropout``;
+  ``rslora``/``dora`` are ``use_rslora``/``use_dora``.
+  """
+  if not isinstance(rank, int) or rank <= 0:
+    raise ValueError(f'LoRA rank must be a positive int, got {rank!r}')
+  if not 0.0 <= dropout < 1.0:
+    raise ValueError(f'LoRA dropout must be in [0, 1), got {dropout!r}')
+  scale = _scale(alpha, rank, rslora)
+
+  def init(rng, params):
+    adapter = {}
+    kernels = targets.linear_kernels(params, target)
+    for (path, w), key in zip(kernels.items(), jax.random.split(rng, max(len(kernels), 1))):
+      *stack, d_in, d_out = w.shape
+      if rank > min(d_in, d_out):
+        raise ValueError(f'LoRA rank {rank} exceeds min(in, out) = {min(d_in, d_out)} '
+                         f'of {path} (kernel {tuple(w.shape)})')
+      bound = 1.0 / math.sqrt(d_in)  # kaiming_uniform_(a=sqrt(5)) on torch's (r, in) weight
+      adapter[f'{path}/lora_A'] = jax.random.uniform(key, (*stack, d_in, rank), jnp.float32,
+                                                     -bound, bound)
+      adapter[f'{path}/lora_B'] = jnp.zeros((*stack, rank, d_out), jnp.float32)
+      if dora:
+        adapter[f'{path}/lora_magnitude_vector'] = _column_norm(w)
+    return tree.unflatten(adapter)
+
+  def hook(adapter_vars, module, call, x, train):
+    y = call(x)
+    if 'lora_A' not in adapter_vars:
+      return y
+    h = x
+    if train and dropout > 0.0:
+      keep = jax.random.bernoulli(module.make_rng('dropout'), 1.0 - dropout, x.shape)
+      h = jnp.where(keep, x / (1.0 - dropout), 0).astype(x.dtype)
+    h, a, b = nn.dtypes.promote_dtype(h, adapter_vars['lora_A'], adapter_vars['lora_B'],
+                                      dtype=module.dtype)
+    lora_out = scale * ((h @ a) @ b)
+    if 'lora_magnitude_vector' not in adapter_vars:
+      return y + lora_out
+    w = nn.meta.unbox(module.get_variable('params', 'kernel'))
+    norm = jax.lax.stop_gradient(_column_norm(w + _delta(adapter_vars, scale)))
+    mag = (adapter_vars['lora_magnitude_vector'] / norm).astype(y.dtype)
+    base_out = y
+    if module.use_bias:
+      base_out = y - nn.meta.unbox(module.get_variable('params', 'bias')).astype(y.dtype)
+    return y + (mag - 1) * base_out + mag * lora_out
+
+  def merge(adapter, params):
+    flat = tree.flatten(params)
+    for module, av in base.by_module(adapter).items():
+      if 'lora_A' in av:
+        w = flat[f'{module}/kernel']
+        merged = w.astype(jnp.float32) + _delta(av, scale)
+        if 'lora_magnitude_vector' in av:
+          merged = merged * (av['lora_magnitude_vector'] / _column_norm(merged))[..., None, :]
+        flat[f'{module}/kernel'] = merged.astype(w.dtype)
+    return tree.unflatten(flat)
+
+  return base.weight_space(init, hook, merge)
+
+
+def lora_plus_labels(adapter) -> dict:
+  """LoRA+ (Hayou et al. 2024) parameter groups: ``'lora_B'`` for B leaves, else ``'default'``."""
+  return tree.unflatten({p: 'lora_B' if p.endswith('/lora_B') else 'default'
+                         for p in tree.flatten(adapter)})
+
+
+def lora_plus(make_optimizer: Callable[[optax.ScalarOrSchedule], optax.GradientTransformation],
+              learning_rate: optax.ScalarOrSchedule, ratio: float = 16.0
+              ) -> optax.GradientTransformation:
+  """An optimizer giving ``lora_B`` a ``ratio``x learning rate (HF ``loraplus_lr_ratio``).
+
+  >>> tx = lora_plus(optax.adamw, 1e-4, ratio=16.0)
+  """
+  scaled = (lambda step: ratio * learning_rate(step)) if callable(learning_rate) else ratio * learning_rate
+  return optax.multi_transform({'default': make_optimizer(learning_rate), 'lora_B': make_optimizer(scaled)},
+                               lora_plus_labels)

@@ -1,0 +1,232 @@
+"""BERT-family encoders: BERT, RoBERTa, MiniLM (post-LayerNorm, GELU, optional pooler).
+
+Paths mirror Hugging Face: ``bert/encoder/layer_0/attention/self/query/kernel``; RoBERTa uses
+the ``roberta`` prefix and position ids offset by ``padding_idx`` (= ``pad_token_id``).
+
+>>> config = BertConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
+...                     num_heads=4)
+>>> config.base_prefix
+'bert'
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from peftjax.models import layers
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_layers: int
+  num_heads: int
+  max_position_embeddings: int = 512
+  type_vocab_size: int = 2
+  norm_eps: float = 1e-12
+  hidden_act: str = 'gelu'
+  hidden_dropout: float = 0.1
+  attention_dropout: float = 0.1
+  classifier_dropout: float = 0.1
+  use_pooler: bool = True
+  model_type: str = 'bert'
+  pad_token_id: int | None = 0
+  bos_token_id: int | None = None
+  eos_token_id: Any = None
+  num_labels: int = 2
+  initializer_range: float = 0.02
+  scan_layers: bool = False
+  remat: bool = False
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  scan_name = 'layer'
+  is_decoder = False
+  tie_word_embeddings = False
+  conv1d = ()
+
+  @property
+  def base_prefix(self):
+    return 'roberta' if self.model_type == 'roberta' else 'bert'
+
+  @property
+  def num_kv_heads(self):
+    return self.num_heads
+
+  @property
+  def head_dim(self):
+    return self.hidden_size // self.num_heads
+
+  @classmethod
+  def from_hf(cls, hf: dict, **overrides) -> 'BertConfig':
+    hidden_dropout = hf.get('hidden_dropout_prob', 0.1)
+    classifier_dropout = hf.get('classifier_dropout')
+    fields = dict(
+        vocab_size=hf['vocab_size'], hidden_size=hf['hidden_size'],
+        intermediate_size=hf['intermediate_size'], num_layers=hf['num_hidden_layers'],
+        num_heads=hf['num_attention_heads'],
+        max_position_embeddings=hf.get('max_position_embeddings', 512),
+        type_vocab_size=hf.get('type_vocab_size', 2), norm_eps=hf.get('layer_norm_eps', 1e-12),
+        hidden_act=hf.get('hidden_act', 'gelu'), hidden_dropout=hidden_dropout,
+        attention_dropout=hf.get('attention_probs_dropout_prob', 0.1),
+        classifier_dropout=hidden_dropout if classifier_dropout is None else classifier_dropout,
+        model_type=hf.get('model_type', 'bert'), **layers.common_fields(hf))
+    fields.update(overrides)
+    return cls(**fields)
+
+  def to_hf(self) -> dict:
+    return dict(
+        model_type=self.model_type, vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+        intermediate_size=self.intermediate_size, num_hidden_layers=self.num_layers,
+        num_attention_heads=self.num_heads, max_position_embeddings=self.max_position_embeddings,
+        type_vocab_size=self.type_vocab_size, layer_norm_eps=self.norm_eps,
+        hidden_act=self.hidden_act, hidden_dropout_prob=self.hidden_dropout,
+        attention_probs_dropout_prob=self.attention_dropout,
+        classifier_dropout=self.classifier_dropout, **layers.common_to_hf(self))
+
+
+class BertSelfAttention(nn.Module):
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, x, layer_prefix, ctx):
+    cfg = self.config
+    b, t, d = x.shape
+    proj = lambda name: layers.dense(d, ('embed', 'heads'), name, cfg, use_bias=True)(x).reshape(
+        b, t, cfg.num_heads, cfg.head_dim)
+    rng = None
+    if not ctx.deterministic and cfg.attention_dropout > 0:
+      rng = self.make_rng('dropout')
+    out, _ = layers.attend(proj('query'), proj('key'), proj('value'), ctx, None, layer_prefix,
+                           dropout_rate=cfg.attention_dropout, dropout_rng=rng)
+    return out.reshape(b, t, d)
+
+
+class BertOutput(nn.Module):
+  """``dense`` -> dropout -> residual -> ``LayerNorm`` (HF BertSelfOutput / BertOutput)."""
+  config: BertConfig
+  in_axis: str = 'heads'
+
+  @nn.compact
+  def __call__(self, h, residual, deterministic):
+    cfg = self.config
+    h = layers.dense(cfg.hidden_size, (self.in_axis, 'embed'), 'dense', cfg, use_bias=True)(h)
+    h = nn.Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)
+    return layers.layer_norm(cfg, 'LayerNorm')(h + residual)
+
+
+class BertAttention(nn.Module):
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, x, layer_prefix, ctx):
+    h = BertSelfAttention(self.config, name='self')(x, layer_prefix, ctx)
+    return BertOutput(self.config, name='output')(h, x, ctx.deterministic)
+
+
+class BertIntermediate(nn.Module):
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.config
+    h = layers.dense(cfg.intermediate_size, ('embed', 'mlp'), 'dense', cfg, use_bias=True)(x)
+    return layers.activation(cfg.hidden_act)(h)
+
+
+class BertLayer(nn.Module):
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, x, layer_cache, layer_prefix, ctx):
+    cfg = self.config
+    x = BertAttention(cfg, name='attention')(x, layer_prefix, ctx)
+    h = BertIntermediate(cfg, name='intermediate')(x)
+    return BertOutput(cfg, 'mlp', name='output')(h, x, ctx.deterministic), layer_cache
+
+
+class BertEncoder(nn.Module):
+  config: BertConfig
+
+  def setup(self):
+    self.layer = layers.stack_layers(BertLayer, self.config)
+
+  def __call__(self, x, prefix_kv, ctx):
+    return layers.run_layers(self.layer, x, None, prefix_kv, ctx)[0]
+
+
+class BertEmbeddings(nn.Module):
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, input_ids, token_type_ids, position_ids, inputs_embeds, deterministic):
+    cfg = self.config
+    if inputs_embeds is None:
+      inputs_embeds = layers.embed(cfg.vocab_size, cfg.hidden_size, ('vocab', 'embed'),
+                                   'word_embeddings', cfg)(input_ids)
+    pos = layers.embed(cfg.max_position_embeddings, cfg.hidden_size, (None, 'embed'),
+                       'position_embeddings', cfg)(position_ids)
+    types = layers.embed(cfg.type_vocab_size, cfg.hidden_size, (None, 'embed'),
+                         'token_type_embeddings', cfg)(token_type_ids)
+    x = layers.layer_norm(cfg, 'LayerNorm')(inputs_embeds.astype(cfg.dtype) + pos + types)
+    return nn.Dropout(cfg.hidden_dropout)(x, deterministic=deterministic)
+
+
+def bert_positions(config: BertConfig, input_ids, attention_mask, batch: int, length: int):
+  """BERT: 0..length-1. RoBERTa: counts non-pad tokens from ``padding_idx + 1`` (pads get
+  ``padding_idx``), as HF ``create_position_ids_from_input_ids``."""
+  if config.model_type != 'roberta':
+    return jnp.broadcast_to(jnp.arange(length), (batch, length))
+  pad = config.pad_token_id
+  if input_ids is not None:
+    valid = (input_ids != pad).astype(jnp.int32)
+  elif attention_mask is not None:
+    valid = attention_mask.astype(jnp.int32)
+  else:
+    return jnp.broadcast_to(jnp.arange(length) + pad + 1, (batch, length))
+  return jnp.cumsum(valid, axis=1) * valid + pad
+
+
+class BertPooler(nn.Module):
+  """``dense`` + tanh on the first token."""
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.config
+    return jnp.tanh(layers.dense(cfg.hidden_size, ('embed', None), 'dense', cfg,
+                                 use_bias=True)(x[:, 0]))
+
+
+class BertModel(nn.Module):
+  """``embeddings``, ``encoder``, and ``pooler`` (dense + tanh on the first token).
+
+  Extra keyword: ``token_type_ids`` [batch, seq] (zeros by default). No KV cache (encoder)."""
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, input_ids=None, *, attention_mask=None, position_ids=None,
+               inputs_embeds=None, prefix_kv=None, prefix_mask=None, cache=None,
+               deterministic=True, token_type_ids=None):
+    cfg = self.config
+    if cache is not None:
+      raise ValueError(f'{cfg.model_type} is an encoder: it has no KV cache')
+    b, t = (input_ids if inputs_embeds is None else inputs_embeds).shape[:2]
+    if position_ids is None:
+      position_ids = bert_positions(cfg, input_ids, attention_mask, b, t)
+    if token_type_ids is None:
+      token_type_ids = jnp.zeros((b, t), jnp.int32)
+    x = BertEmbeddings(cfg, name='embeddings')(input_ids, token_type_ids, position_ids,
+                                               inputs_embeds, deterministic)
+    ctx, _ = layers.attention_context(
+        b, t, attention_mask=attention_mask, prefix_mask=prefix_mask,
+        prefix_len=layers.check_prefix(prefix_kv, cfg), causal=False,
+        deterministic=deterministic)
+    x = BertEncoder(cfg, name='encoder')(x, prefix_kv, ctx)
+    pooled = BertPooler(cfg, name='pooler')(x) if cfg.use_pooler else None
+    return layers.ModelOutput(hidden=x, pooled=pooled)

@@ -1,0 +1,125 @@
+"""Task heads around a family backbone (``config.base_prefix`` names it: model/transformer/bert).
+
+- ``Base``: the backbone output (``hidden``, BERT ``pooled``).
+- ``CausalLM``: ``lm_head`` Dense, or the tied input embedding.
+- ``SequenceClassifier``: decoders score the last non-pad token with ``score`` (HF
+  ``LlamaForSequenceClassification``); BERT classifies the pooled CLS with ``classifier``;
+  RoBERTa uses ``classifier/dense`` + ``classifier/out_proj`` on ``<s>``.
+- ``ValueHead``: one scalar per token for decoders (``score`` with one label, so it loads as a
+  HF reward model), one per sequence for encoders.
+
+>>> module = CausalLM(config, LlamaModel)                        # doctest: +SKIP
+>>> module.apply({'params': params}, ids, attention_mask=mask).logits.shape   # doctest: +SKIP
+(2, 7, 64)
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from peftjax.models import layers
+
+
+def last_token_index(input_ids, attention_mask, pad_token_id, length: int):
+  """Index of the rightmost non-pad token per row (works for left and right padding)."""
+  if attention_mask is None and input_ids is not None and pad_token_id is not None:
+    attention_mask = input_ids != pad_token_id
+  if attention_mask is None:
+    return jnp.full((), length - 1)
+  return jnp.argmax(jnp.arange(length) * attention_mask.astype(jnp.int32), axis=-1)
+
+
+class Base(nn.Module):
+  """The bare backbone under its Hugging Face prefix."""
+  config: Any
+  backbone: Any
+
+  @nn.compact
+  def __call__(self, input_ids=None, **kw):
+    return self.backbone(self.config, name=self.config.base_prefix)(input_ids, **kw)
+
+
+class CausalLM(nn.Module):
+  """Next-token logits [batch, seq, vocab]."""
+  config: Any
+  backbone: Any
+
+  @nn.compact
+  def __call__(self, input_ids=None, **kw):
+    cfg = self.config
+    model = self.backbone(cfg, name=cfg.base_prefix)
+    out = model(input_ids, **kw)
+    if cfg.tie_word_embeddings:
+      logits = model.attend(out.hidden)
+    else:
+      logits = layers.dense(cfg.vocab_size, ('embed', 'vocab'), 'lm_head', cfg)(out.hidden)
+    return out.replace(logits=logits)
+
+
+class RobertaClassificationHead(nn.Module):
+  """RoBERTa's head on the ``<s>`` hidden state: dropout, ``dense`` + tanh, dropout,
+  ``out_proj``."""
+  config: Any
+  num_labels: int
+
+  @nn.compact
+  def __call__(self, h, deterministic=True):
+    cfg = self.config
+    drop = nn.Dropout(cfg.classifier_dropout)
+    h = drop(h, deterministic=deterministic)
+    h = jnp.tanh(layers.dense(cfg.hidden_size, ('embed', None), 'dense', cfg, use_bias=True)(h))
+    h = drop(h, deterministic=deterministic)
+    return layers.dense(self.num_labels, (None, None), 'out_proj', cfg, use_bias=True)(h)
+
+
+def classifier_backbone_config(cfg):
+  """RoBERTa's classifier reads ``<s>`` directly: its backbone has no pooler (as in HF)."""
+  return dataclasses.replace(cfg, use_pooler=False) if cfg.model_type == 'roberta' else cfg
+
+
+def classify(cfg, out, input_ids, attention_mask, deterministic, num_labels):
+  """Sequence logits [batch, num_labels] from a backbone output (called inside a head)."""
+  if cfg.is_decoder:
+    b, t = out.hidden.shape[:2]
+    idx = jnp.broadcast_to(last_token_index(input_ids, attention_mask, cfg.pad_token_id, t), (b,))
+    last = jnp.take_along_axis(out.hidden, idx[:, None, None], axis=1)[:, 0]
+    return layers.dense(num_labels, ('embed', None), 'score', cfg)(last)
+  if cfg.model_type == 'roberta':
+    return RobertaClassificationHead(cfg, num_labels, name='classifier')(
+        out.hidden[:, 0], deterministic)
+  h = nn.Dropout(cfg.classifier_dropout)(out.pooled, deterministic=deterministic)
+  return layers.dense(num_labels, ('embed', None), 'classifier', cfg, use_bias=True)(h)
+
+
+class SequenceClassifier(nn.Module):
+  """Sequence logits [batch, num_labels]."""
+  config: Any
+  backbone: Any
+
+  @nn.compact
+  def __call__(self, input_ids=None, *, attention_mask=None, deterministic=True, **kw):
+    cfg = self.config
+    out = self.backbone(classifier_backbone_config(cfg), name=cfg.base_prefix)(
+        input_ids, attention_mask=attention_mask, deterministic=deterministic, **kw)
+    return out.replace(logits=classify(cfg, out, input_ids, attention_mask, deterministic,
+                                       cfg.num_labels))
+
+
+class ValueHead(nn.Module):
+  """Scalar values: [batch, seq] per token for decoders (``score``), [batch] for encoders."""
+  config: Any
+  backbone: Any
+
+  @nn.compact
+  def __call__(self, input_ids=None, *, attention_mask=None, deterministic=True, **kw):
+    cfg = self.config
+    out = self.backbone(classifier_backbone_config(cfg), name=cfg.base_prefix)(
+        input_ids, attention_mask=attention_mask, deterministic=deterministic, **kw)
+    if cfg.is_decoder:
+      values = layers.dense(1, ('embed', None), 'score', cfg)(out.hidden)[..., 0]
+    else:
+      values = classify(cfg, out, input_ids, attention_mask, deterministic, 1)[..., 0]
+    return out.replace(logits=values)

@@ -1,0 +1,327 @@
+"""Building blocks shared by every model family: parameters with logical axes, norms, RoPE,
+masks, the KV cache and the attention core (GQA, prefix key/values, cache update).
+
+Every projection is a plain ``nn.Dense`` named as in Hugging Face, so PEFT methods can intercept
+it by module path. ``model.init`` returns ``nn.Partitioned`` boxes carrying logical axis names;
+``flax.core.meta.unbox`` (or ``nn.unbox``) turns them into plain arrays, which is what
+``apply`` and ``convert.params_from_hf`` use.
+
+>>> cache = init_cache(config, batch=2, max_len=16)      # doctest: +SKIP
+>>> cache.k.shape        # [layers, batch, max_len, kv_heads, head_dim]   # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from peftjax import errors
+
+Array = jax.Array
+
+ACTIVATIONS = {
+    'silu': jax.nn.silu,
+    'swish': jax.nn.silu,
+    'gelu': lambda x: jax.nn.gelu(x, approximate=False),
+    'gelu_new': lambda x: jax.nn.gelu(x, approximate=True),
+    'gelu_pytorch_tanh': lambda x: jax.nn.gelu(x, approximate=True),
+    'relu': jax.nn.relu,
+    'tanh': jnp.tanh,
+}
+
+
+def activation(name: str):
+  if name not in ACTIVATIONS:
+    raise errors.UnsupportedModelError(
+        f'activation {name!r} not supported; supported: {", ".join(sorted(ACTIVATIONS))}')
+  return ACTIVATIONS[name]
+
+
+@struct.dataclass
+class ModelOutput:
+  """What every model returns: ``logits`` for heads, ``hidden`` (and BERT's ``pooled``) always."""
+  logits: Array | None = None
+  hidden: Array | None = None
+  pooled: Array | None = None
+  cache: Any = None
+
+
+# ----------------------------------------------------------------------------- configs
+
+def common_fields(hf: dict) -> dict:
+  """Config fields every family reads the same way from a Hugging Face config dict."""
+  eos = hf.get('eos_token_id')
+  return dict(
+      pad_token_id=hf.get('pad_token_id'), bos_token_id=hf.get('bos_token_id'),
+      eos_token_id=tuple(eos) if isinstance(eos, list) else eos,   # lists are unhashable
+      num_labels=int(hf.get('num_labels') or len(hf.get('id2label') or {}) or 2),
+      initializer_range=hf.get('initializer_range', 0.02))
+
+
+def common_to_hf(config) -> dict:
+  eos = config.eos_token_id
+  return dict(
+      pad_token_id=config.pad_token_id, bos_token_id=config.bos_token_id,
+      eos_token_id=list(eos) if isinstance(eos, tuple) else eos,
+      id2label={i: f'LABEL_{i}' for i in range(config.num_labels)},
+      initializer_range=config.initializer_range, dtype=jnp.dtype(config.param_dtype).name)
+
+
+# ----------------------------------------------------------------------------- parameters
+
+def dense(features: int, axes: tuple, name: str | None, config, *,
+          use_bias: bool = False) -> nn.Dense:
+  """An ``nn.Dense`` named ``name`` whose kernel/bias carry logical ``axes`` (in, out)."""
+  return nn.Dense(
+      features, use_bias=use_bias, dtype=config.dtype, param_dtype=config.param_dtype,
+      kernel_init=nn.with_logical_partitioning(
+          nn.initializers.normal(config.initializer_range), axes),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[-1:]),
+      name=name)
+
+
+def embed(num: int, features: int, axes: tuple, name: str | None, config) -> nn.Embed:
+  return nn.Embed(
+      num, features, dtype=config.dtype, param_dtype=config.param_dtype,
+      embedding_init=nn.with_logical_partitioning(
+          nn.initializers.normal(config.initializer_range), axes),
+      name=name)
+
+
+def layer_norm(config, name: str | None = None) -> nn.LayerNorm:
+  return nn.LayerNorm(
+      epsilon=config.norm_eps, dtype=config.dtype, param_dtype=config.param_dtype,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ('norm',)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ('norm',)),
+      name=name)
+
+
+class RMSNorm(nn.Module):
+  """Llama RMSNorm: normalise in float32, cast back, then scale (the Hugging Face order)."""
+  eps: float = 1e-6
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    init = nn.with_logical_partitioning(nn.initializers.ones_init(), ('norm',))
+    scale = self.param('scale', init, (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return scale.astype(self.dtype) * y.astype(self.dtype)
+
+
+# ----------------------------------------------------------------------------- rope
+
+def rope_inv_freq(config) -> np.ndarray:
+  """Inverse frequencies [head_dim // 2] for ``config.rope_type`` (default, linear, llama3)."""
+  dim = config.head_dim
+  inv = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+  kind = config.rope_type
+  if kind == 'default':
+    return inv
+  if kind == 'linear':
+    return inv / config.rope_factor
+  if kind == 'llama3':
+    factor, lo, hi = config.rope_factor, config.rope_low_freq_factor, config.rope_high_freq_factor
+    old = config.rope_original_max_position
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > old / lo, inv / factor, inv)
+    smooth = (old / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old / hi) & ~(wavelen > old / lo)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+  raise errors.UnsupportedModelError(
+      f'rope_type {kind!r} not supported; supported: default, linear, llama3')
+
+
+def rope_cos_sin(positions: Array, inv_freq: np.ndarray, dtype) -> tuple[Array, Array]:
+  """cos/sin [batch, seq, head_dim] in the half-rotation layout (freqs repeated, not
+  interleaved), computed in float32 like Hugging Face and cast to ``dtype``."""
+  freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+  """Rotates x [batch, seq, heads, head_dim]: x * cos + rotate_half(x) * sin."""
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+# ----------------------------------------------------------------------------- cache and masks
+
+@struct.dataclass
+class KVCache:
+  """Keys/values ``[layers, batch, max_len, kv_heads, head_dim]``, the valid-slot ``mask``
+  ``[batch, max_len]``, the next write slot ``index`` and the next position id per row ``pos``."""
+  k: Array
+  v: Array
+  mask: Array
+  index: Array
+  pos: Array
+
+
+def init_cache(config, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
+  """An empty cache for ``config`` (any decoder family).
+
+  >>> cache = init_cache(config, 2, 32)                     # doctest: +SKIP
+  >>> out = module.apply(variables, ids, attention_mask=m, cache=cache)   # doctest: +SKIP
+  """
+  shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+  return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                 mask=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32),
+                 pos=jnp.zeros((batch,), jnp.int32))
+
+
+@struct.dataclass
+class AttentionContext:
+  """Per-call attention inputs shared by all layers (broadcast through ``nn.scan``).
+
+  ``mask`` [batch, q_len, kv_len] (padding and causality), ``prefix_mask`` [batch, q_len,
+  prefix_len] or None, ``cos``/``sin`` for RoPE or None, ``index`` the cache write slot."""
+  mask: Array
+  prefix_mask: Array | None = None
+  cos: Array | None = None
+  sin: Array | None = None
+  index: Array | None = None
+  deterministic: bool = struct.field(pytree_node=False, default=True)
+
+
+def default_positions(attention_mask: Array | None, batch: int, length: int,
+                      cache: KVCache | None = None) -> Array:
+  """Position ids that skip padding: ``cumsum(mask) - 1`` (left padding safe), continued from
+  ``cache.pos`` when decoding."""
+  if attention_mask is None:
+    attention_mask = jnp.ones((batch, length), jnp.int32)
+  pos = jnp.cumsum(attention_mask.astype(jnp.int32), axis=1) - 1
+  if cache is not None:
+    pos = pos + cache.pos[:, None]
+  return jnp.maximum(pos, 0)
+
+
+def attention_context(batch: int, length: int, *, attention_mask=None, prefix_mask=None,
+                      prefix_len: int = 0, cache: KVCache | None = None, causal: bool,
+                      window: int | None = None, cos=None, sin=None, deterministic: bool = True):
+  """Builds the ``AttentionContext`` and the updated cache metadata (k/v are filled by layers).
+
+  ``window`` (Mistral sliding window) limits each query to the last ``window`` slots, itself
+  included, counting slots as Hugging Face counts cache positions (padding included).
+
+  Returns ``(ctx, cache)`` where ``cache`` has ``mask``/``index``/``pos`` advanced (or None)."""
+  valid = (jnp.ones((batch, length), bool) if attention_mask is None
+           else attention_mask.astype(bool))
+  index = None
+  q_slots = k_slots = jnp.arange(length)
+  kv_valid = valid
+  if cache is not None:
+    index = cache.index
+    kv_valid = jax.lax.dynamic_update_slice_in_dim(cache.mask, valid, index, axis=1)
+    k_slots = jnp.arange(cache.mask.shape[1])
+    q_slots = index + q_slots
+    cache = cache.replace(mask=kv_valid, index=index + length,
+                          pos=cache.pos + valid.sum(axis=1, dtype=jnp.int32))
+  allowed = jnp.ones((length, k_slots.shape[0]), bool)
+  if causal:
+    allowed = k_slots[None, :] <= q_slots[:, None]
+  if window:
+    allowed = allowed & (k_slots[None, :] > q_slots[:, None] - window)
+  mask = kv_valid[:, None, :] & allowed[None]
+  pmask = None
+  if prefix_len:
+    pvalid = (jnp.ones((batch, prefix_len), bool) if prefix_mask is None
+              else prefix_mask.astype(bool))
+    pmask = jnp.broadcast_to(pvalid[:, None, :], (batch, length, prefix_len))
+  ctx = AttentionContext(mask=mask, prefix_mask=pmask, cos=cos, sin=sin, index=index,
+                         deterministic=deterministic)
+  return ctx, cache
+
+
+def dot_product_attention(q, k, v, mask, *, dropout_rate=0.0, dropout_rng=None):
+  """Softmax attention in float32 with grouped KV heads (no key/value repetition).
+
+  q [b, t, heads, d]; k, v [b, s, kv_heads, d]; mask bool [b, t, s] -> [b, t, heads, d]."""
+  b, t, h, d = q.shape
+  kvh = k.shape[2]
+  q = q.reshape(b, t, kvh, h // kvh, d)
+  scores = jnp.einsum('btkgd,bskd->bkgts', q, k, preferred_element_type=jnp.float32)
+  scores = scores.astype(jnp.float32) / math.sqrt(d)
+  scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  if dropout_rng is not None and dropout_rate > 0:
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+    probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0).astype(v.dtype)
+  out = jnp.einsum('bkgts,bskd->btkgd', probs, v)
+  return out.reshape(b, t, h, d)
+
+
+def attend(q, k, v, ctx: AttentionContext, layer_cache=None, layer_prefix=None, *,
+           dropout_rate=0.0, dropout_rng=None):
+  """Writes k/v into ``layer_cache`` at ``ctx.index``, prepends ``layer_prefix`` keys/values,
+  and attends. Returns ``(out [b, t, heads, d], new layer_cache or None)``."""
+  if layer_cache is not None:
+    ck, cv = layer_cache
+    k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), ctx.index, axis=1)
+    v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), ctx.index, axis=1)
+    layer_cache = (k, v)
+  mask = ctx.mask
+  if layer_prefix is not None:
+    pk, pv = layer_prefix
+    k = jnp.concatenate([pk.astype(k.dtype), k], axis=1)
+    v = jnp.concatenate([pv.astype(v.dtype), v], axis=1)
+    mask = jnp.concatenate([ctx.prefix_mask, mask], axis=-1)
+  out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask,
+                              dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+  return out, layer_cache
+
+
+# ----------------------------------------------------------------------------- layer stacks
+
+def stack_layers(block_cls, config):
+  """The per-layer modules, to assign in ``setup`` (``self.layers = stack_layers(...)``): a list,
+  which Flax names ``layers_0, layers_1, ...``, or one ``nn.scan``ned module named ``layers``.
+
+  Each block is called as ``block(x, layer_cache, layer_prefix, ctx) -> (x, layer_cache)``."""
+  if config.remat:
+    block_cls = nn.remat(block_cls, prevent_cse=not config.scan_layers)
+  if not config.scan_layers:
+    return [block_cls(config) for _ in range(config.num_layers)]
+  scanned = nn.scan(
+      block_cls, variable_axes={True: 0}, split_rngs={'params': True, 'dropout': True},
+      in_axes=(0, 0, nn.broadcast), length=config.num_layers,
+      metadata_params={nn.PARTITION_NAME: 'layers'})
+  return scanned(config)
+
+
+def run_layers(layers, x, kv=None, prefix_kv=None, ctx=None):
+  """Runs a ``stack_layers`` result; ``kv``/``prefix_kv`` are (k, v) with a leading layer axis.
+
+  Returns ``(x, (k, v) stacked over layers or None)``."""
+  if not isinstance(layers, (list, tuple)):
+    return layers(x, kv, prefix_kv, ctx)
+  outs = []
+  for i, layer in enumerate(layers):
+    take = lambda tree: None if tree is None else jax.tree.map(lambda a: a[i], tree)
+    x, layer_kv = layer(x, take(kv), take(prefix_kv), ctx)
+    outs.append(layer_kv)
+  if kv is None:
+    return x, None
+  return x, jax.tree.map(lambda *a: jnp.stack(a), *outs)
+
+
+def check_prefix(prefix_kv, config):
+  """Validates ``prefix_kv = (k, v)`` shapes; returns the prefix length (0 when None)."""
+  if prefix_kv is None:
+    return 0
+  k, v = prefix_kv
+  want = (config.num_layers, k.shape[1], k.shape[2], config.num_kv_heads, config.head_dim)
+  if k.shape != want or v.shape != want:
+    raise ValueError(f'prefix_kv shapes {k.shape}, {v.shape}; expected {want} '
+                     '[num_layers, batch, prefix_len, num_kv_heads, head_dim]')
+  return k.shape[2]

@@ -1,0 +1,187 @@
+"""The training loop behind ``launch.py``: load, adapt, train sharded, evaluate, checkpoint, export.
+
+>>> from peftjax.train import loop
+>>> loop.run(get_config('method=lora,runlocal'), '/tmp/run')     # doctest: +SKIP
+
+A run is resumable: every ``train.checkpoint_every`` steps the adapter, optimizer state, step,
+RNG and data position are saved (orbax, atomic, keep-last-K); starting the same command again
+continues from the latest checkpoint and ends with the same adapter as an uninterrupted run.
+Outputs in ``workdir``: ``checkpoints/``, ``metrics.jsonl``, TensorBoard events in ``tb/``,
+``adapter/`` (HF PEFT format) and optionally ``merged/`` (a plain HF model).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from peftjax import data, methods, sharding
+from peftjax.methods import hf_format
+from peftjax.models import auto
+from peftjax.train import checkpoint as ckpt_lib
+from peftjax.train import optim, step as step_lib, tasks
+from peftjax.train import state as state_lib
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+_HEADS = r'(classifier|score)(/.*)?'   # HF PEFT's modules_to_save for sequence classification
+
+
+def build_method(peft_config, model_config) -> methods.PeftMethod:
+  """The configured PEFT method (targets default per family); the classification head joins the
+  trainable set when ``trainable_heads`` (a fresh head must be trained)."""
+  kwargs = {k: v for k, v in peft_config.items() if k not in ('method', 'trainable_heads')}
+  method = methods.get(peft_config.method, model_type=model_config.model_type, **kwargs)
+  if peft_config.trainable_heads and peft_config.method != 'full':
+    method = methods.compose(method, methods.full(target=_HEADS))
+  return method
+
+
+class MetricWriter:
+  """Metrics to ``metrics.jsonl`` and TensorBoard; only process 0 writes."""
+
+  def __init__(self, workdir: pathlib.Path):
+    self.enabled = jax.process_index() == 0
+    if self.enabled:
+      from tensorboardX import SummaryWriter
+      self._jsonl = open(workdir / 'metrics.jsonl', 'a')
+      self._tb = SummaryWriter(str(workdir / 'tb'))
+
+  def write(self, step: int, split: str, metrics: dict):
+    if not self.enabled:
+      return
+    metrics = {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
+    self._jsonl.write(json.dumps({'step': step, 'split': split, **metrics}) + '\n')
+    self._jsonl.flush()
+    for k, v in metrics.items():
+      self._tb.add_scalar(f'{split}/{k}', v, step)
+
+  def close(self):
+    if self.enabled:
+      self._jsonl.close()
+      self._tb.close()
+
+
+def run(config, workdir) -> dict:
+  """Trains as ``config`` says; returns the final evaluation metrics."""
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  sharding.maybe_initialize_distributed(config.get('distributed') or {})
+  task = tasks.get(config.task)
+  m = config.model
+  overrides = dict(scan_layers=m.scan_layers, remat=m.remat)
+  if task.model_task == 'classification':
+    overrides['num_labels'] = m.num_labels
+  pre = auto.load_pretrained(m.source, task=task.model_task, dtype=DTYPES[m.dtype], **overrides)
+  train_ds, eval_ds = task.datasets(config, pre.tokenizer)
+  seq_len = task.seq_len(config)
+  method = build_method(config.peft, pre.config)
+
+  mesh = sharding.mesh_from_config(config)
+  rules = sharding.rules_from_config(config)
+  base_axes, base_shardings = _base_shardings(pre.module, mesh, rules)
+  params = jax.device_put(pre.params, base_shardings)
+  optimizer = optim.make_optimizer(
+      {**config.optim.to_dict(), 'total_steps': config.train.steps,
+       'num_layers': pre.config.num_layers,
+       'lr_multipliers': ({'lora_B': config.optim.lora_plus_ratio}
+                          if config.optim.lora_plus_ratio else None)})
+  rng = jax.random.key(config.seed)
+  state, state_shardings = state_lib.init_train_state(
+      method.init, optimizer, rng, params, base_axes, mesh, rules)
+
+  checkpointer = ckpt_lib.Checkpointer(str(workdir / 'checkpoints'),
+                                       save_every=config.train.checkpoint_every,
+                                       keep=config.train.keep)
+  restored = checkpointer.restore(state)
+  if restored is not None:
+    state = restored
+    logging.info('resumed from step %d', int(state.step))
+
+  apply = method.apply(pre.module.apply)
+  loss_fn = task.loss_fn(apply, pre)
+  batch_sharding = sharding.batch_sharding(mesh)
+  train_step = step_lib.make_train_step(loss_fn, optimizer, state_shardings=state_shardings,
+                                        base_shardings=base_shardings,
+                                        batch_sharding=batch_sharding)
+  eval_step = step_lib.make_eval_step(loss_fn, adapter_shardings=state_shardings.adapter,
+                                      base_shardings=base_shardings,
+                                      batch_sharding=batch_sharding)
+  d = config.data
+  loader = data.Loader(train_ds, global_batch_size=d.batch_size, seq_len=seq_len,
+                       seed=config.seed, pad_id=_pad_id(pre.tokenizer))
+  position = int(state.data_position)
+  loader.state = data.LoaderState(*divmod(position, loader.batches_per_epoch))
+
+  def evaluate():
+    eval_loader = data.Loader(eval_ds, global_batch_size=d.eval_batch_size, seq_len=seq_len,
+                              shuffle=False, last_batch='pad', num_epochs=1,
+                              pad_id=_pad_id(pre.tokenizer))
+    sums = None
+    for batch in eval_loader:
+      sums = tasks.sum_metrics(sums, eval_step(state.adapter, params,
+                                               sharding.global_batch(batch, mesh)))
+    return task.summarize(sums)
+
+  writer = MetricWriter(workdir)
+  start = int(state.step)
+  bar = tqdm.tqdm(total=config.train.steps, initial=start, disable=jax.process_index() != 0,
+                  desc=f'{config.task}/{config.peft.method}')
+  tokens_per_step = d.batch_size * seq_len
+  last_time, last_step = time.perf_counter(), start
+  try:
+    for step in range(start + 1, config.train.steps + 1):
+      batch = sharding.global_batch(next(loader), mesh)
+      state, metrics = train_step(state, params, batch)
+      bar.update(1)
+      if step % config.train.log_every == 0 or step == config.train.steps:
+        metrics = jax.device_get(metrics)
+        bad = ckpt_lib.nonfinite_keys(metrics)
+        if bad:
+          raise FloatingPointError(
+              f'non-finite {", ".join(bad)} at step {step}; the last good checkpoint '
+              f'(step {checkpointer.latest_step()}) in {checkpointer.directory} is kept')
+        now = time.perf_counter()
+        rate = (step - last_step) * tokens_per_step / (now - last_time)
+        last_time, last_step = now, step
+        bar.set_postfix(loss=f'{float(metrics["loss"]):.4f}', tok_s=f'{rate:.0f}')
+        writer.write(step, 'train', {'loss': metrics['loss'], 'grad_norm': metrics['grad_norm'],
+                                     'tokens_per_s': rate})
+      if step % config.train.eval_every == 0 and step != config.train.steps:
+        writer.write(step, 'eval', evaluate())
+      checkpointer.save(state, step=step)
+    final = evaluate()
+    writer.write(config.train.steps, 'eval', final)
+    checkpointer.save(state, step=config.train.steps, force=True)
+    checkpointer.wait()
+  finally:
+    bar.close()
+    writer.close()
+  if jax.process_index() == 0:
+    _export(config, workdir, method, jax.device_get(state.adapter), pre)
+  print(f'final eval: {json.dumps(final)}')
+  return final
+
+
+def _base_shardings(module, mesh, rules):
+  """Logical axes and shardings of the model's params, from an abstract (never materialised) init."""
+  boxed = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.ones((1, 2), jnp.int32)))
+  return (sharding.logical_axes(boxed['params']),
+          sharding.param_shardings(boxed['params'], mesh, rules))
+
+
+def _pad_id(tokenizer) -> int:
+  return tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
+
+
+def _export(config, workdir, method, adapter, pre):
+  if config.export.adapter:
+    hf_format.save_adapter(workdir / 'adapter', config.peft, adapter, pre)
+  if config.export.merged and method.merge is not None:
+    auto.save_pretrained(workdir / 'merged', pre.config, method.merge(adapter, pre.params),
+                         pre.tokenizer, task=pre.task)

@@ -1,0 +1,75 @@
+"""GPT-2 == transformers: Conv1D layout, fused c_attn, tied head, cache, scan, classifier."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import pytest
+import torch
+import transformers
+
+from peftjax.models import auto, layers, registry
+
+TOL = 1e-4
+
+
+@pytest.mark.parametrize('scan', [False, True])
+def test_lm_matches_transformers_with_left_padding(scan, hf_model, flax_model, zoo):
+  ids, mask, pos = zoo.left_padded_batch()
+  m = flax_model('gpt2', scan_layers=scan)
+  got = m.apply({'params': m.params}, ids, attention_mask=mask).logits
+  want = zoo.torch_logits(hf_model('gpt2').torch_model, input_ids=ids, attention_mask=mask,
+                          position_ids=pos)
+  assert zoo.max_diff_at(got, want, mask) < TOL
+
+
+def test_kv_cache_decoding_equals_full_forward(flax_model, zoo):
+  ids, mask, _ = zoo.left_padded_batch()
+  m = flax_model('gpt2')
+  v = {'params': m.params}
+  full = m.apply(v, ids, attention_mask=mask).logits
+  out = m.apply(v, ids[:, :5], attention_mask=mask[:, :5], cache=layers.init_cache(m.config, 3, 8))
+  steps, cache = [out.logits], out.cache
+  for i in range(5, ids.shape[1]):
+    out = m.apply(v, ids[:, i:i + 1], attention_mask=mask[:, i:i + 1], cache=cache)
+    steps.append(out.logits)
+    cache = out.cache
+  assert zoo.max_diff_at(jnp.concatenate(steps, axis=1), full, mask) < 1e-5
+
+
+def test_classification_matches_transformers(hf_model, flax_model, zoo):
+  ids, mask, pos = zoo.left_padded_batch()
+  m = flax_model('gpt2', 'classification')
+  got = m.apply({'params': m.params}, ids, attention_mask=mask).logits
+  want = zoo.torch_logits(hf_model('gpt2', 'classification').torch_model, input_ids=ids,
+                          attention_mask=mask, position_ids=pos)
+  assert abs(got - want).max() < TOL
+
+
+def test_save_pretrained_loads_in_transformers(flax_model, zoo, tmp_path):
+  ids, mask, pos = zoo.left_padded_batch()
+  m = flax_model('gpt2', scan_layers=True)
+  auto.save_pretrained(tmp_path, m.config, m.params)
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+  got = m.apply({'params': m.params}, ids, attention_mask=mask).logits
+  want = zoo.torch_logits(reloaded.eval(), input_ids=ids, attention_mask=mask, position_ids=pos)
+  assert zoo.max_diff_at(got, want, mask) < TOL
+
+
+def test_dropout_with_scan_and_remat_trains(hf_model, flax_model, zoo):
+  ids, mask, _ = zoo.left_padded_batch()
+  ref = flax_model('gpt2', scan_layers=True)
+  config = registry.config_from_hf(hf_model('gpt2').hf_config, scan_layers=True, remat=True)
+  module = registry.build(config, 'causal_lm')
+
+  @functools.partial(jax.jit, static_argnums=2)
+  def loss(params, key, deterministic):
+    out = module.apply({'params': params}, ids, attention_mask=mask, rngs={'dropout': key},
+                       deterministic=deterministic)
+    return (out.logits * mask[..., None]).sum()
+
+  k1, k2 = jax.random.split(jax.random.key(0))
+  assert loss(ref.params, k1, False) != loss(ref.params, k2, False)
+  plain = ref.apply({'params': ref.params}, ids, attention_mask=mask).logits
+  assert abs(loss(ref.params, k1, True) - (plain * mask[..., None]).sum()) < 1e-3
+  grads = jax.grad(loss)(ref.params, k1, False)
+  assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))

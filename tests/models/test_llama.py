@@ -1,0 +1,147 @@
+"""Llama family (llama GQA/MQA, tied/untied, biases, llama3 rope, qwen2) == transformers."""
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from peftjax.models import auto, layers
+
+LLAMAS = ['llama_gqa', 'llama_tied', 'llama3_rope', 'qwen2', 'mistral_window']
+TOL = 1e-4
+
+
+@pytest.mark.parametrize('name', LLAMAS)
+def test_causal_lm_matches_transformers_with_left_padding(name, hf_model, flax_model, zoo):
+  ids, mask, pos = zoo.left_padded_batch()
+  m = flax_model(name)
+  got = m.apply({'params': m.params}, ids, attention_mask=mask).logits
+  want = zoo.torch_logits(hf_model(name).torch_model, input_ids=ids, attention_mask=mask,
+                          position_ids=pos)
+  assert zoo.max_diff_at(got, want, mask) < TOL
+
+
+@pytest.mark.parametrize('name', ['llama_gqa', 'qwen2'])
+def test_scanned_equals_unscanned(name, flax_model, zoo):
+  ids, mask, _ = zoo.left_padded_batch()
+  plain, scanned = flax_model(name), flax_model(name, scan_layers=True)
+  assert scanned.params['model']['layers']['self_attn']['q_proj']['kernel'].shape[0] == 2
+  a = plain.apply({'params': plain.params}, ids, attention_mask=mask).logits
+  b = scanned.apply({'params': scanned.params}, ids, attention_mask=mask).logits
+  assert zoo.max_diff_at(a, b, mask) < 1e-5
+
+
+@pytest.mark.parametrize('name,scan', [('llama_gqa', False), ('llama_gqa', True),
+                                       ('mistral_window', False)])
+def test_kv_cache_decoding_equals_full_forward(name, scan, flax_model, zoo):
+  ids, mask, _ = zoo.left_padded_batch()
+  m = flax_model(name, scan_layers=scan)
+  v = {'params': m.params}
+  full = m.apply(v, ids, attention_mask=mask).logits
+  out = m.apply(v, ids[:, :4], attention_mask=mask[:, :4], cache=layers.init_cache(m.config, 3, 9))
+  steps, cache = [out.logits], out.cache
+  for i in range(4, ids.shape[1]):
+    out = m.apply(v, ids[:, i:i + 1], attention_mask=mask[:, i:i + 1], cache=cache)
+    steps.append(out.logits)
+    cache = out.cache
+  assert int(cache.index) == ids.shape[1]
+  np.testing.assert_array_equal(cache.pos, mask.sum(1))
+  assert zoo.max_diff_at(jnp.concatenate(steps, axis=1), full, mask) < 1e-5
+
+
+def test_classification_scores_last_non_pad_token(hf_model, flax_model, zoo):
+  ids, mask, pos = zoo.left_padded_batch()
+  m = flax_model('llama_gqa', 'classification')
+  got = m.apply({'params': m.params}, ids, attention_mask=mask).logits
+  want = zoo.torch_logits(hf_model('llama_gqa', 'classification').torch_model, input_ids=ids,
+                          attention_mask=mask, position_ids=pos)
+  assert got.shape == (3, 3)
+  assert np.abs(got - want).max() < TOL
+
+
+def test_value_head_gives_one_value_per_token(flax_model, zoo):
+  ids, mask, _ = zoo.left_padded_batch()
+  m = flax_model('llama_gqa', 'value', from_task='causal_lm')   # no 'score' there: fresh init
+  assert m.params['score']['kernel'].shape == (32, 1)
+  assert m.apply({'params': m.params}, ids, attention_mask=mask).logits.shape == ids.shape
+
+
+def test_inputs_embeds_equals_input_ids(flax_model, zoo):
+  ids, mask, _ = zoo.left_padded_batch()
+  m = flax_model('llama_tied')
+  embeds = m.params['model']['embed_tokens']['embedding'][ids]
+  a = m.apply({'params': m.params}, ids, attention_mask=mask).logits
+  b = m.apply({'params': m.params}, inputs_embeds=embeds, attention_mask=mask).logits
+  assert zoo.max_diff_at(a, b, mask) < 1e-6
+
+
+def test_masked_prefix_is_a_no_op_and_visible_prefix_is_not(flax_model, zoo):
+  ids, mask, _ = zoo.left_padded_batch()
+  m = flax_model('llama_gqa')
+  cfg = m.config
+  shape = (cfg.num_layers, 3, 5, cfg.num_kv_heads, cfg.head_dim)
+  rng = np.random.default_rng(0)
+  prefix = (jnp.asarray(rng.normal(size=shape), jnp.float32),
+            jnp.asarray(rng.normal(size=shape), jnp.float32))
+  v = {'params': m.params}
+  base = m.apply(v, ids, attention_mask=mask).logits
+  hidden = m.apply(v, ids, attention_mask=mask, prefix_kv=prefix,
+                   prefix_mask=jnp.zeros((3, 5), jnp.int32)).logits
+  seen = m.apply(v, ids, attention_mask=mask, prefix_kv=prefix,
+                 prefix_mask=jnp.ones((3, 5), jnp.int32)).logits
+  assert zoo.max_diff_at(hidden, base, mask) < 1e-6
+  assert zoo.max_diff_at(seen, base, mask) > 1e-3
+
+
+@pytest.mark.parametrize('name', ['llama_tied', 'llama3_rope'])
+def test_save_pretrained_loads_in_transformers(name, flax_model, zoo, tmp_path):
+  ids, mask, pos = zoo.left_padded_batch()
+  m = flax_model(name)
+  auto.save_pretrained(tmp_path, m.config, m.params)
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+  got = m.apply({'params': m.params}, ids, attention_mask=mask).logits
+  want = zoo.torch_logits(reloaded.eval(), input_ids=ids, attention_mask=mask, position_ids=pos)
+  assert zoo.max_diff_at(got, want, mask) < TOL
+
+
+def test_every_projection_is_an_interceptable_dense_at_its_hf_path(flax_model, zoo):
+  ids, mask, _ = zoo.left_padded_batch()
+  m = flax_model('llama_gqa')
+  seen = set()
+
+  def spy(next_fun, args, kwargs, context):
+    if isinstance(context.module, nn.Dense) and context.method_name == '__call__':
+      seen.add('/'.join(context.module.path))
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(spy):
+    m.module.apply({'params': m.params}, ids, attention_mask=mask)
+  layer0 = {p for p in seen if p.startswith('model/layers_0/')}
+  assert layer0 == {f'model/layers_0/{p}' for p in (
+      'self_attn/q_proj', 'self_attn/k_proj', 'self_attn/v_proj', 'self_attn/o_proj',
+      'mlp/gate_proj', 'mlp/up_proj', 'mlp/down_proj')}
+  assert 'lm_head' in seen and len(seen) == 2 * 7 + 1
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_matches_transformers():
+  """Real SmolLM2-135M (Q4_1 GGUF, dequantised by both sides) through load_pretrained."""
+  from peftjax import assets
+  try:
+    path = assets.path('smollm2-135m-instruct')
+  except assets.AssetNotInstalledError as err:
+    pytest.skip(str(err))
+  pre = auto.load_pretrained('smollm2-135m-instruct', scan_layers=True)
+  pre.tokenizer.padding_side = 'left'
+  batch = pre.tokenizer(['Hello, my name is', 'The capital of France is the city of'],
+                        padding=True, return_tensors='np')
+  ids, mask = batch['input_ids'], batch['attention_mask']
+  got = pre.module.apply({'params': pre.params}, ids, attention_mask=mask).logits
+  hf = transformers.AutoModelForCausalLM.from_pretrained(
+      path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+  with torch.no_grad():
+    want = hf(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask),
+              position_ids=torch.as_tensor(np.maximum(mask.cumsum(1) - 1, 0))).logits.numpy()
+  # 30 layers in float32, logits of magnitude ~30: agreement to ~1e-5 relative
+  assert np.abs(np.asarray(got)[mask == 1] - want[mask == 1]).max() < 1e-3
