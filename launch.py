@@ -3,6 +3,7 @@
 Any config field can be overridden on the command line, e.g. ``--config.peft.rank=16``.
 """
 from absl import app
+from absl import logging
 from absl import flags
 from ml_collections import config_flags
 
@@ -14,6 +15,8 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)   # orbax logs every save at INFO
   from peftjax.train import loop
   loop.run(_CONFIG.value, _WORKDIR.value)
 

@@ -12,12 +12,12 @@ exist).
   .venv/bin/python experiments/bench_train_step.py --device-model 1b   # ~1.1B bf16, for a GPU
 
 Reported per row: median seconds/step over ``--steps`` timed steps after ``--warmup`` (JAX's
-compile time separately), tokens/s, peak RSS of the process and of the training phase alone
-(VmHWM reset after loading), the loss of the first step (a parity check: LoRA starts as the
-identity, so both frameworks start at the base model's loss), FLOP/s as a fraction of a measured
-matmul peak: XLA's ``cost_analysis()['flops']`` of the compiled step (it counts the chunked loss's
-recomputed logits) and an analytic model count (forward + activation gradients; the same number
-for both frameworks).
+compile time separately), tokens/s, peak RSS of the process and what training adds to the RSS
+after loading (VmHWM reset after loading; compilation included), the loss of the first step (a
+parity check: LoRA starts as the identity, so both frameworks start at the base model's loss),
+and FLOP/s as a fraction of a measured matmul peak, counted two ways: XLA's
+``cost_analysis()['flops']`` of the compiled step, and an analytic model count (forward +
+activation gradients, the same number for both frameworks).
 """
 import argparse
 import json
@@ -140,10 +140,21 @@ def memory_report(rss_after_load: float) -> dict:
 
 # ----------------------------------------------------------------------------- workers
 
+def matmul_flops(dot, n: int) -> float:
+  """FLOP/s of ``dot()`` (a synchronous n x n x n matmul): median of 10 after one warm-up."""
+  dot()
+  times = []
+  for _ in range(10):
+    t = time.perf_counter()
+    dot()
+    times.append(time.perf_counter() - t)
+  return 2 * n**3 / statistics.median(times)
+
+
 def time_steps(run_step, warmup: int, steps: int) -> tuple[list[float], float]:
   """Runs ``warmup`` then ``steps`` synchronous steps; returns (per-step seconds, first loss)."""
   first = run_step()
-  for _ in range(warmup - 1):
+  for _ in range(max(warmup, 1) - 1):
     run_step()
   times = []
   for _ in range(steps):
@@ -223,6 +234,7 @@ def jax_worker(args, ids: np.ndarray) -> dict:
   times, first_loss = time_steps(run_step, args.warmup, args.steps)
   out = dict(load_s=load_s, compile_s=compile_s, step_times=times, first_loss=first_loss,
              xla_flops=float(cost['flops']), backend=jax.default_backend(),
+             xla_loops=args.scan_layers or ids.size > args.loss_chunk,
              trainable=int(sum(x.size for x in jax.tree.leaves(state.adapter))),
              **memory_report(rss_after_load))
   stats = jax.devices()[0].memory_stats() or {}
@@ -238,11 +250,12 @@ def torch_worker(args, ids: np.ndarray) -> dict:
 
   torch.set_num_threads(args.threads)
   device = 'cuda' if torch.cuda.is_available() else 'cpu'
+  mm_dtype = torch.float32 if device == 'cpu' else torch.bfloat16
   t0 = time.perf_counter()
   if args.device_model:
-    dtype = torch.bfloat16
     hf = transformers.LlamaConfig(**{k: v for k, v in model_hf_config(args).items() if k != 'model_type'})
-    model = transformers.LlamaForCausalLM(hf).to(device=device, dtype=dtype)
+    with torch.device(device):
+      model = transformers.LlamaForCausalLM._from_config(hf, dtype=torch.bfloat16)
   else:
     from peftjax import assets
     gguf = assets.path(SMOLLM)
@@ -268,7 +281,10 @@ def torch_worker(args, ids: np.ndarray) -> dict:
     return loss.item()
 
   times, first_loss = time_steps(run_step, args.warmup, args.steps)
+  a, b = (torch.randn(args.peak_size, args.peak_size, device=device, dtype=mm_dtype) for _ in 'ab')
+  sync = torch.cuda.synchronize if device == 'cuda' else lambda: None
   out = dict(load_s=load_s, compile_s=0.0, step_times=times, first_loss=first_loss,
+             torch_matmul_flops=matmul_flops(lambda: (a @ b, sync()), args.peak_size),
              backend=device, trainable=int(sum(p.numel() for p in trainable)),
              torch_threads=torch.get_num_threads(), **memory_report(rss_after_load))
   if device == 'cuda':
@@ -285,13 +301,8 @@ def peak_worker(args) -> dict:
   a = jax.random.normal(jax.random.key(0), (n, n), dtype)
   b = jax.random.normal(jax.random.key(1), (n, n), dtype)
   dot = jax.jit(jnp.dot)
-  dot(a, b).block_until_ready()
-  times = []
-  for _ in range(10):
-    t = time.perf_counter()
-    dot(a, b).block_until_ready()
-    times.append(time.perf_counter() - t)
-  return {'peak_flops': 2 * n**3 / statistics.median(times), 'n': n, 'dtype': jnp.dtype(dtype).name}
+  return {'peak_flops': matmul_flops(lambda: dot(a, b).block_until_ready(), n), 'n': n,
+          'dtype': jnp.dtype(dtype).name}
 
 
 # ----------------------------------------------------------------------------- driver
@@ -300,7 +311,7 @@ def spawn(args, worker: str, config: str | None = None, batch_file: str | None =
   cmd = [sys.executable, __file__, *sys.argv[1:], '--worker', worker]
   cmd += ['--config', config] if config else []
   cmd += ['--batch-file', batch_file] if batch_file else []
-  proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+  proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, 'TQDM_DISABLE': '1'})
   lines = [l for l in proc.stdout.splitlines() if l.startswith(RESULT)]
   if proc.returncode or not lines:
     raise RuntimeError(f'{worker} worker ({config}) failed with exit code {proc.returncode}')
@@ -323,13 +334,16 @@ def summarize(rows: list[dict], peak: float) -> list[dict]:
 
 def format_table(rows: list[dict]) -> str:
   head = ('| config | framework | trainable | compile s | s/step (median) | tokens/s | '
-          'peak RSS MiB (process / train) | time vs torch | first loss | XLA GFLOP/step | '
+          'peak RSS MiB (process / train step) | time vs torch | first loss | XLA GFLOP/step | '
           'XLA GFLOP/s (% peak) | model GFLOP/s (% peak) |')
   lines = [head, '|' + '---|' * head.count(' | ') + '---|']
   for r in rows:
-    xla = (f"{r['xla_flops'] / 1e9:.1f}", f"{r['xla_flops_per_s'] / 1e9:.1f} ({100 * r['xla_frac_peak']:.0f}%)"
-           ) if 'xla_flops' in r else ('-', '-')
-    mem = f"{r['process_peak_rss_mib']:.0f} / {r['train_peak_rss_mib']:.0f}"
+    xla = ('-', '-')
+    if 'xla_flops' in r:
+      mark = '*' if r['xla_loops'] else ''
+      xla = (f"{r['xla_flops'] / 1e9:.1f}{mark}",
+             f"{r['xla_flops_per_s'] / 1e9:.1f} ({100 * r['xla_frac_peak']:.0f}%){mark}")
+    mem = f"{r['process_peak_rss_mib']:.0f} / {r['train_peak_rss_mib'] - r['rss_after_load_mib']:.0f}"
     if 'device_peak_mib' in r:
       mem += f" (device {r['device_peak_mib']:.0f})"
     lines.append(
@@ -337,6 +351,8 @@ def format_table(rows: list[dict]) -> str:
         f"{r['compile_s']:.1f} | {r['s_per_step']:.3f} | {r['tokens_per_s']:.0f} | {mem} | "
         f"{r.get('time_vs_torch', float('nan')):.2f} | {r['first_loss']:.4f} | {xla[0]} | {xla[1]} | "
         f"{r['model_flops_per_s'] / 1e9:.1f} ({100 * r['model_frac_peak']:.0f}%) |")
+  if any(r.get('xla_loops') for r in rows):
+    lines.append('\n\\* XLA counts a loop body once (scanned layers, several loss chunks): a lower bound.')
   return '\n'.join(lines)
 
 
@@ -348,7 +364,7 @@ def main():
     else:
       ids = np.load(args.batch_file)
       result = (jax_worker if args.worker == 'jax' else torch_worker)(args, ids)
-    print(RESULT + json.dumps(result), flush=True)
+    print(RESULT + json.dumps({**result, 'loadavg': os.getloadavg()}), flush=True)
     return
   configs, frameworks = args.configs.split(','), args.frameworks.split(',')
   hf = model_hf_config(args)
@@ -369,8 +385,10 @@ def main():
   peak = spawn(args, 'peak')
   rows = summarize(rows, peak['peak_flops'])
   print(format_table(rows))
-  print(f"matmul peak ({peak['n']}^3 {peak['dtype']} jnp.dot): {peak['peak_flops'] / 1e9:.1f} GFLOP/s; "
-        f"nproc {os.cpu_count()}, load average {os.getloadavg()}")
+  torch_mm = [r['torch_matmul_flops'] for r in rows if 'torch_matmul_flops' in r]
+  print(f"matmul peak ({peak['n']}^3 {peak['dtype']}): jnp.dot {peak['peak_flops'] / 1e9:.1f} GFLOP/s"
+        + (f", torch {statistics.median(torch_mm) / 1e9:.1f} GFLOP/s" if torch_mm else '')
+        + f"; nproc {os.cpu_count()}, load average {os.getloadavg()}")
   if args.json:
     machine = dict(nproc=os.cpu_count(), loadavg=os.getloadavg(), uname=' '.join(os.uname()))
     pathlib.Path(args.json).write_text(json.dumps(

@@ -9,8 +9,10 @@ Not mergeable (``merge`` is None).
 
 >>> import jax, jax.numpy as jnp
 >>> params = {'o_proj': {'kernel': jnp.ones((4, 6))}}
->>> jax.tree.map(jnp.shape, bottleneck_adapter(target='o_proj', bottleneck=2).init(jax.random.key(0), params))
-{'o_proj': {'adapter_down': (6, 2), 'adapter_down_bias': (2,), 'adapter_up': (2, 6), 'adapter_up_bias': (6,)}}
+>>> adapter = bottleneck_adapter(target='o_proj', bottleneck=2).init(jax.random.key(0), params)
+>>> {k: v.shape for k, v in adapter['o_proj'].items()}  # doctest: +NORMALIZE_WHITESPACE
+{'adapter_down': (6, 2), 'adapter_down_bias': (2,), 'adapter_up': (2, 6),
+ 'adapter_up_bias': (6,)}
 """
 from typing import Callable
 
@@ -22,6 +24,9 @@ from peftjax import tree
 from peftjax.methods import base, targets
 
 
+_LEAVES = ('adapter_down', 'adapter_down_bias', 'adapter_up', 'adapter_up_bias')
+
+
 def bottleneck_adapter(target: str, bottleneck: int = 64,
                        activation: Callable = nn.relu) -> base.PeftMethod:
   """Residual bottleneck after each Dense whose module path matches ``target``."""
@@ -29,9 +34,8 @@ def bottleneck_adapter(target: str, bottleneck: int = 64,
     raise ValueError(f'adapter bottleneck must be a positive int, got {bottleneck!r}')
 
   def init(rng, params):
-    kernels = targets.linear_kernels(params, target)
     adapter = {}
-    for (path, w), key in zip(kernels.items(), jax.random.split(rng, max(len(kernels), 1))):
+    for path, w, key in targets.keyed(rng, targets.linear_kernels(params, target)):
       *stack, _, d_out = w.shape
       down = 1e-2 * jax.random.truncated_normal(key, -2.0, 2.0, (*stack, d_out, bottleneck))
       adapter.update({f'{path}/adapter_down': down,
@@ -43,12 +47,9 @@ def bottleneck_adapter(target: str, bottleneck: int = 64,
   def hook(adapter_vars, module, call, x, train):
     del train
     y = call(x)
-    if 'adapter_down' not in adapter_vars:
-      return y
     y_, down, down_bias, up, up_bias = nn.dtypes.promote_dtype(
-        y, *(adapter_vars[k] for k in ('adapter_down', 'adapter_down_bias', 'adapter_up',
-                                       'adapter_up_bias')), dtype=module.dtype)
+        y, *(adapter_vars[k] for k in _LEAVES), dtype=module.dtype)
     return y + (activation(y_ @ down + down_bias) @ up + up_bias).astype(y.dtype)
 
-  return base.weight_space(init, hook, merge=None)
+  return base.weight_space(init, hook, leaves=_LEAVES, merge=None)
 

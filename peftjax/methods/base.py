@@ -42,8 +42,8 @@ from peftjax import tree
 
 ADAPTER = 'adapter'  # variable collection holding weight-space adapters
 
-# hook(adapter_vars, module, call, x, train) -> y. ``adapter_vars`` are this Dense's leaves of
-# the adapter collection (non-empty), ``call(x)`` runs the wrapped (inner) Dense call.
+# hook(adapter_vars, module, call, x, train) -> y. ``adapter_vars``: this Dense's adapter leaves
+# that the method owns (non-empty); ``call(x)`` runs the wrapped (inner) Dense call.
 Hook = Callable[[Mapping[str, jax.Array], nn.Module, Callable, jax.Array, bool], jax.Array]
 
 
@@ -73,7 +73,7 @@ def by_module(adapter) -> dict[str, dict[str, Any]]:
 
 
 def _training(kw) -> bool:
-  """Dropout is on for ``deterministic=False``, or, without that kwarg, when a dropout rng is given."""
+  """Dropout is on for ``deterministic=False``, or, without that kwarg, given a dropout rng."""
   if 'deterministic' in kw:
     return not kw['deterministic']
   return 'dropout' in (kw.get('rngs') or {})
@@ -83,32 +83,50 @@ def _ndim(axes) -> int:
   return len(axes) if isinstance(axes, (tuple, list)) else 1
 
 
-def _interceptor(hook: Hook, train: bool):
+def _interceptor(hook: Hook, leaves: frozenset, train: bool, used: set):
   def intercept(next_fun, args, kwargs, context):
     module = context.module
     if context.method_name != '__call__' or not isinstance(module, (nn.Dense, nn.DenseGeneral)):
       return next_fun(*args, **kwargs)
-    adapter_vars = module.variables.get(ADAPTER, {})
+    adapter_vars = {k: v for k, v in module.variables.get(ADAPTER, {}).items() if k in leaves}
     if not adapter_vars:
       return next_fun(*args, **kwargs)
-    if isinstance(module, nn.DenseGeneral) and (_ndim(module.axis) != 1 or _ndim(module.features) != 1):
-      raise ValueError(f'{"/".join(module.path)}: adapters support DenseGeneral with one input '
-                       f'and one output axis, got axis={module.axis} features={module.features}')
+    path = '/'.join(module.path)
+    if isinstance(module, nn.DenseGeneral) and (
+        _ndim(module.axis) != 1 or _ndim(module.features) != 1):
+      raise ValueError(f'{path}: adapters support DenseGeneral with one input and one output '
+                       f'axis, got axis={module.axis} features={module.features}')
+    used.add(path)
     x, = args or (kwargs.pop('inputs'),)
     return hook(adapter_vars, module, lambda x: next_fun(x, **kwargs), x, train)
   return intercept
 
 
-def weight_space(init, hook: Optional[Hook] = None, merge=substitute) -> PeftMethod:
-  """Builds a weight-space PeftMethod from its ``init``, Dense ``hook`` and ``merge``."""
+def weight_space(init, hook: Optional[Hook] = None, *, leaves=(), merge=substitute) -> PeftMethod:
+  """A weight-space PeftMethod from its ``init``, ``merge`` and a Dense ``hook`` that runs where
+  the adapter holds any of the leaf names ``leaves``.
+
+  Raises ValueError at trace time if such an adapter module is never called (e.g. an ``nn.scan``
+  whose ``variable_axes`` leaves out the ``'adapter'`` collection).
+  """
+  leaves = frozenset(leaves)
+
   def apply(apply_fn):
     @functools.wraps(apply_fn)
     def adapted(adapter, params, *args, **kw):
       variables = {'params': substitute(adapter, params), ADAPTER: adapter}
       if hook is None:
         return apply_fn(variables, *args, **kw)
-      with nn.intercept_methods(_interceptor(hook, _training(kw))):
-        return apply_fn(variables, *args, **kw)
+      used = set()
+      with nn.intercept_methods(_interceptor(hook, leaves, _training(kw), used)):
+        out = apply_fn(variables, *args, **kw)
+      unused = sorted(m for m, av in by_module(adapter).items()
+                      if leaves & av.keys() and m not in used)
+      if unused:
+        raise ValueError(f'adapter modules never called as nn.Dense/DenseGeneral: {unused}; is '
+                         f"the '{ADAPTER}' collection in each nn.scan's variable_axes "
+                         '(e.g. {True: 0})?')
+      return out
     return adapted
   if merge is None:
     return PeftMethod(init, apply, None)

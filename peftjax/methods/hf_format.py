@@ -39,11 +39,13 @@ PREFIX = 'base_model.model.'
 # peftjax leaf -> (HF key suffix, whether the HF tensor is the transpose)
 LEAVES = {'lora_A': ('lora_A.weight', True), 'lora_B': ('lora_B.weight', True),
           'lora_magnitude_vector': ('lora_magnitude_vector', False), 'ia3_l': ('ia3_l', False)}
+# peftjax method names whose adapters HF PEFT can load.
+EXPORTABLE = ('lora', 'rslora', 'dora', 'ia3')
 TASK_TYPES = {'causal_lm': 'CAUSAL_LM', 'classification': 'SEQ_CLS', 'value': 'SEQ_CLS',
               'base': 'FEATURE_EXTRACTION'}
 # HF PEFT options that change what the tensors mean; peftjax supports only their defaults.
 _UNSUPPORTED_OPTIONS = {'rank_pattern': {}, 'alpha_pattern': {}, 'lora_bias': False,
-                        'bias': 'none', 'layers_pattern': None, 'use_qalora': False,
+                        'bias': 'none', 'use_qalora': False,
                         'trainable_token_indices': None, 'target_parameters': None}
 
 

@@ -10,7 +10,6 @@ name) are HF PEFT's own, so ``<path>/ia3_l`` <-> ``<path>.ia3_l`` needs no resha
 >>> jax.tree.map(jnp.shape, method.init(jax.random.key(0), params))
 {'down_proj': {'ia3_l': (1, 6)}, 'k_proj': {'ia3_l': (6, 1)}}
 """
-import re
 from typing import Optional
 
 import jax.numpy as jnp
@@ -32,7 +31,9 @@ def ia3(target: str, feedforward: Optional[str] = None) -> base.PeftMethod:
   def init(rng, params):
     del rng
     kernels = targets.linear_kernels(params, target)
-    ff = set(tree.match(kernels, feedforward, what='targeted module path')) if feedforward else set()
+    ff = set()
+    if feedforward:
+      ff = set(tree.match(kernels, feedforward, what='targeted module path'))
     adapter = {}
     for path, w in kernels.items():
       *stack, d_in, d_out = w.shape
@@ -41,8 +42,6 @@ def ia3(target: str, feedforward: Optional[str] = None) -> base.PeftMethod:
 
   def hook(adapter_vars, module, call, x, train):
     del module, train
-    if 'ia3_l' not in adapter_vars:
-      return call(x)
     scale = adapter_vars['ia3_l']
     if _is_feedforward(scale):
       return call(x * scale[0].astype(x.dtype))
@@ -61,4 +60,4 @@ def ia3(target: str, feedforward: Optional[str] = None) -> base.PeftMethod:
           flat[f'{module}/bias'] = (bias * scale[..., 0]).astype(bias.dtype)
     return tree.unflatten(flat)
 
-  return base.weight_space(init, hook, merge)
+  return base.weight_space(init, hook, leaves=('ia3_l',), merge=merge)

@@ -15,7 +15,7 @@ Leaves map to HF PEFT names: ``<path>/lora_A`` <-> ``<path>.lora_A.weight`` (tra
 {'q_proj': {'lora_A': (8, 2), 'lora_B': (2, 8)}}
 """
 import math
-from typing import Callable, Union
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -54,8 +54,7 @@ def lora(rank: int = 8, alpha: float = 8.0, target: str = targets.ALL_LINEAR,
 
   def init(rng, params):
     adapter = {}
-    kernels = targets.linear_kernels(params, target)
-    for (path, w), key in zip(kernels.items(), jax.random.split(rng, max(len(kernels), 1))):
+    for path, w, key in targets.keyed(rng, targets.linear_kernels(params, target)):
       *stack, d_in, d_out = w.shape
       if rank > min(d_in, d_out):
         raise ValueError(f'LoRA rank {rank} exceeds min(in, out) = {min(d_in, d_out)} '
@@ -70,8 +69,6 @@ def lora(rank: int = 8, alpha: float = 8.0, target: str = targets.ALL_LINEAR,
 
   def hook(adapter_vars, module, call, x, train):
     y = call(x)
-    if 'lora_A' not in adapter_vars:
-      return y
     h = x
     if train and dropout > 0.0:
       keep = jax.random.bernoulli(module.make_rng('dropout'), 1.0 - dropout, x.shape)
@@ -100,7 +97,8 @@ def lora(rank: int = 8, alpha: float = 8.0, target: str = targets.ALL_LINEAR,
         flat[f'{module}/kernel'] = merged.astype(w.dtype)
     return tree.unflatten(flat)
 
-  return base.weight_space(init, hook, merge)
+  return base.weight_space(init, hook, leaves=('lora_A', 'lora_B', 'lora_magnitude_vector'),
+                           merge=merge)
 
 
 def lora_plus_labels(adapter) -> dict:
@@ -116,6 +114,10 @@ def lora_plus(make_optimizer: Callable[[optax.ScalarOrSchedule], optax.GradientT
 
   >>> tx = lora_plus(optax.adamw, 1e-4, ratio=16.0)
   """
-  scaled = (lambda step: ratio * learning_rate(step)) if callable(learning_rate) else ratio * learning_rate
-  return optax.multi_transform({'default': make_optimizer(learning_rate), 'lora_B': make_optimizer(scaled)},
+  if callable(learning_rate):
+    scaled = lambda step: ratio * learning_rate(step)
+  else:
+    scaled = ratio * learning_rate
+  return optax.multi_transform({'default': make_optimizer(learning_rate),
+                                'lora_B': make_optimizer(scaled)},
                                lora_plus_labels)

@@ -8,13 +8,15 @@ HF PEFT's ``TRANSFORMERS_MODELS_TO_*_TARGET_MODULES_MAPPING`` (module-name suffi
 >>> default_target('lora', 'llama')
 '(.*/)?(q_proj|v_proj)'
 >>> import jax.numpy as jnp
->>> params = {'attn': {'q_proj': {'kernel': jnp.ones((4, 4))}, 'o_proj': {'kernel': jnp.ones((4, 4))}}}
+>>> params = {'attn': {'q_proj': {'kernel': jnp.ones((4, 4))},
+...                   'o_proj': {'kernel': jnp.ones((4, 4))}}}
 >>> list(linear_kernels(params, default_target('lora', 'llama')))
 ['attn/q_proj']
 """
 import re
 
 import flax.linen as nn
+import jax
 
 from peftjax import tree
 
@@ -38,7 +40,8 @@ _BERT_FFN_OUT = r'.*/layer(_\d+)?/output/dense'
 DEFAULT_TARGETS = {
     'llama': {k: suffix_regex(v) for k, v in _LLAMA.items()},
     'mistral': {k: suffix_regex(v) for k, v in _LLAMA.items()},
-    'qwen2': {k: suffix_regex(v) for k, v in {**_LLAMA, 'ia3': ('q_proj', 'v_proj', 'down_proj')}.items()},
+    'qwen2': {k: suffix_regex(v)
+              for k, v in {**_LLAMA, 'ia3': ('q_proj', 'v_proj', 'down_proj')}.items()},
     'gpt2': {k: suffix_regex(v) for k, v in {
         'lora': ('c_attn',), 'ia3': ('c_attn', 'mlp.c_proj'), 'ia3_feedforward': ('mlp.c_proj',),
         'houlsby': ('attn.c_proj', 'mlp.c_proj'), 'pfeiffer': ('mlp.c_proj',)}.items()},
@@ -63,7 +66,8 @@ def default_target(method: str, model_type: str) -> str:
 def linear_kernels(params, target: str) -> dict:
   """``{module_path: kernel}`` for modules with a ``kernel`` param whose path matches ``target``.
 
-  Params may be boxed (``nn.Partitioned``). A kernel is ``(*stack, in, out)``: leading axes (e.g. ``nn.scan``'s layer axis) are stacked.
+  Params may be boxed (``nn.Partitioned``). A kernel is ``(*stack, in, out)``: leading axes
+  (e.g. ``nn.scan``'s layer axis) are stacked.
   Raises ValueError naming the near-miss module paths if nothing matches.
   """
   kernels = {p[:-len('/kernel')]: v for p, v in tree.flatten(nn.meta.unbox(params)).items()
@@ -71,3 +75,9 @@ def linear_kernels(params, target: str) -> dict:
   if target == ALL_LINEAR:
     return {p: v for p, v in kernels.items() if p.rsplit('/', 1)[-1] not in OUTPUT_HEADS}
   return {p: kernels[p] for p in tree.match(kernels, target, what='linear module path')}
+
+
+def keyed(rng, kernels: dict):
+  """``(module_path, kernel, rng)`` for each of ``linear_kernels``' results, one key each."""
+  keys = jax.random.split(rng, max(len(kernels), 1))
+  return [(path, w, key) for (path, w), key in zip(kernels.items(), keys)]

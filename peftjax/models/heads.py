@@ -32,6 +32,21 @@ def last_token_index(input_ids, attention_mask, pad_token_id, length: int):
   return jnp.argmax(jnp.arange(length) * attention_mask.astype(jnp.int32), axis=-1)
 
 
+# The input-embedding module under each decoder backbone (``base_prefix``), the tied LM head.
+_TIED_EMBEDDING = {'model': 'embed_tokens', 'transformer': 'wte'}
+
+
+def output_embedding(config, params):
+  """The LM head weight as ``(array, tied)``: ``lm_head/kernel`` [embed, vocab] (``tied=False``)
+  or the tied input embedding [vocab, embed] (``tied=True``); what a chunked LM loss needs.
+
+  >>> kernel, tied = output_embedding(pre.config, pre.params)   # doctest: +SKIP
+  """
+  if not config.tie_word_embeddings:
+    return params['lm_head']['kernel'], False
+  return params[config.base_prefix][_TIED_EMBEDDING[config.base_prefix]]['embedding'], True
+
+
 class Base(nn.Module):
   """The bare backbone under its Hugging Face prefix."""
   config: Any

@@ -136,8 +136,7 @@ def rope_inv_freq(config) -> np.ndarray:
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     medium = ~(wavelen < old / hi) & ~(wavelen > old / lo)
     return np.where(medium, smoothed, scaled).astype(np.float32)
-  raise errors.UnsupportedModelError(
-      f'rope_type {kind!r} not supported; supported: default, linear, llama3')
+  raise errors.UnsupportedModelError(f'rope_type {kind!r} is not supported')
 
 
 def rope_cos_sin(positions: Array, inv_freq: np.ndarray, dtype) -> tuple[Array, Array]:

@@ -19,6 +19,9 @@ import jax.numpy as jnp
 from peftjax import errors
 from peftjax.models import layers
 
+ROPE_TYPES = ('default', 'linear', 'llama3')
+
+
 def rope_fields(hf: dict) -> dict:
   """Reads transformers-5 ``rope_parameters`` or the older ``rope_theta``/``rope_scaling``."""
   params = dict(hf.get('rope_parameters') or {})
@@ -70,6 +73,9 @@ class LlamaConfig:
   param_dtype: Any = jnp.float32
 
   def __post_init__(self):
+    if self.rope_type not in ROPE_TYPES:
+      raise errors.UnsupportedModelError(
+          f'rope_type {self.rope_type!r} is not supported; supported: {", ".join(ROPE_TYPES)}')
     if self.num_kv_heads is None:
       object.__setattr__(self, 'num_kv_heads', self.num_heads)
     if self.head_dim is None:

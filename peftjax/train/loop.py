@@ -12,16 +12,17 @@ Outputs in ``workdir``: ``checkpoints/``, ``metrics.jsonl``, TensorBoard events 
 from __future__ import annotations
 
 import json
-import logging
 import pathlib
+import re
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import safetensors.numpy
 import tqdm
 
-from peftjax import data, methods, sharding
+from peftjax import data, methods, sharding, tree
 from peftjax.methods import hf_format
 from peftjax.models import auto
 from peftjax.train import checkpoint as ckpt_lib
@@ -29,16 +30,20 @@ from peftjax.train import optim, step as step_lib, tasks
 from peftjax.train import state as state_lib
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-_HEADS = r'(classifier|score)(/.*)?'   # HF PEFT's modules_to_save for sequence classification
+_HEADS = r'(classifier|score)/.*'   # HF PEFT's modules_to_save for sequence classification
 
 
-def build_method(peft_config, model_config) -> methods.PeftMethod:
-  """The configured PEFT method (targets default per family); the classification head joins the
-  trainable set when ``trainable_heads`` (a fresh head must be trained)."""
+def build_method(peft_config, pretrained) -> methods.PeftMethod:
+  """The configured PEFT method (targets default per family); with ``trainable_heads`` the
+  classification head joins the trainable set (HF PEFT's ``modules_to_save``: a fresh head must
+  be trained)."""
   kwargs = {k: v for k, v in peft_config.items() if k not in ('method', 'trainable_heads')}
-  method = methods.get(peft_config.method, model_type=model_config.model_type, **kwargs)
+  method = methods.get(peft_config.method, model_type=pretrained.config.model_type, **kwargs)
   if peft_config.trainable_heads and peft_config.method != 'full':
-    method = methods.compose(method, methods.full(target=_HEADS))
+    trained = tree.flatten(jax.eval_shape(method.init, jax.random.key(0), pretrained.params))
+    heads = [p for p in tree.flatten(pretrained.params)
+             if re.fullmatch(_HEADS, p) and p not in trained]   # BitFit already has head biases
+    method = methods.compose(method, hf_format.modules_to_save(heads))
   return method
 
 
@@ -80,7 +85,7 @@ def run(config, workdir) -> dict:
   pre = auto.load_pretrained(m.source, task=task.model_task, dtype=DTYPES[m.dtype], **overrides)
   train_ds, eval_ds = task.datasets(config, pre.tokenizer)
   seq_len = task.seq_len(config)
-  method = build_method(config.peft, pre.config)
+  method = build_method(config.peft, pre)
 
   mesh = sharding.mesh_from_config(config)
   rules = sharding.rules_from_config(config)
@@ -101,7 +106,7 @@ def run(config, workdir) -> dict:
   restored = checkpointer.restore(state)
   if restored is not None:
     state = restored
-    logging.info('resumed from step %d', int(state.step))
+    print(f'resumed from step {int(state.step)} ({checkpointer.directory})')
 
   apply = method.apply(pre.module.apply)
   loss_fn = task.loss_fn(apply, pre)
@@ -157,7 +162,8 @@ def run(config, workdir) -> dict:
       checkpointer.save(state, step=step)
     final = evaluate()
     writer.write(config.train.steps, 'eval', final)
-    checkpointer.save(state, step=config.train.steps, force=True)
+    if checkpointer.latest_step() != config.train.steps:
+      checkpointer.save(state, step=config.train.steps, force=True)
     checkpointer.wait()
   finally:
     bar.close()
@@ -180,8 +186,17 @@ def _pad_id(tokenizer) -> int:
 
 
 def _export(config, workdir, method, adapter, pre):
-  if config.export.adapter:
-    hf_format.save_adapter(workdir / 'adapter', config.peft, adapter, pre)
+  """LoRA-family and IA3 adapters in HF PEFT format; other methods as a flat safetensors of the
+  adapter tree; ``export.merged`` also writes the merged model as a plain HF checkpoint."""
+  p = config.peft
+  if config.export.adapter and p.method in hf_format.EXPORTABLE:
+    hf_format.save_adapter(workdir / 'adapter', adapter, pre.config, alpha=p.get('alpha'),
+                           rslora=p.method == 'rslora', dropout=p.get('dropout', 0.0),
+                           task=pre.task, base_model_name_or_path=str(config.model.source))
+  elif config.export.adapter:
+    (workdir / 'adapter').mkdir(exist_ok=True)
+    safetensors.numpy.save_file({k: np.asarray(v) for k, v in tree.flatten(adapter).items()},
+                                str(workdir / 'adapter' / 'peftjax_adapter.safetensors'))
   if config.export.merged and method.merge is not None:
     auto.save_pretrained(workdir / 'merged', pre.config, method.merge(adapter, pre.params),
                          pre.tokenizer, task=pre.task)

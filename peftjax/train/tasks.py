@@ -32,7 +32,7 @@ class Task:
 
 
 def _subset(ds, n: int):
-  return ds.select(range(min(n, len(ds)))) if n else ds
+  return ds.shuffle(seed=0).select(range(min(n, len(ds)))) if n else ds
 
 
 def _model_kwargs(batch, rng):

@@ -49,7 +49,7 @@ def _flax_params(torch_model):
 
 
 def _hf_adapter_as_flax(peft_model):
-  """HF PEFT adapter weights -> our adapter tree (module path + leaf; torch (r, in)/(out, r) -> T)."""
+  """HF PEFT adapter weights -> our adapter tree (torch (r, in) / (out, r) transposed)."""
   flat = {}
   for name, p in peft_model.named_parameters():
     if not p.requires_grad:
@@ -69,15 +69,15 @@ def _perturb_torch(peft_model):
         p.add_(0.1 * torch.randn(p.shape, generator=gen))
 
 
+_lora_config = lambda **kw: peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(TARGETS), **kw)
 CONFIGS = {
-    'lora': (lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(TARGETS)),
-             lambda: methods.lora(rank=4, alpha=8, target='q_proj|v_proj|down_proj')),
-    'rslora': (lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(TARGETS), use_rslora=True),
-               lambda: methods.get('rslora', rank=4, alpha=8, target='q_proj|v_proj|down_proj')),
-    'dora': (lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(TARGETS), use_dora=True),
-             lambda: methods.get('dora', rank=4, alpha=8, target='q_proj|v_proj|down_proj')),
+    'lora': (_lora_config, lambda: methods.lora(rank=4, alpha=8, target='|'.join(TARGETS))),
+    'rslora': (lambda: _lora_config(use_rslora=True),
+               lambda: methods.get('rslora', rank=4, alpha=8, target='|'.join(TARGETS))),
+    'dora': (lambda: _lora_config(use_dora=True),
+             lambda: methods.get('dora', rank=4, alpha=8, target='|'.join(TARGETS))),
     'ia3': (lambda: peft.IA3Config(target_modules=list(TARGETS), feedforward_modules=['down_proj']),
-            lambda: methods.ia3(target='q_proj|v_proj|down_proj', feedforward='down_proj')),
+            lambda: methods.ia3(target='|'.join(TARGETS), feedforward='down_proj')),
 }
 
 

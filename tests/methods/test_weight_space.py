@@ -52,32 +52,40 @@ METHODS = {
     'ia3': functools.partial(methods.get, 'ia3', model_type='llama'),
     'houlsby': functools.partial(methods.get, 'houlsby', model_type='llama', bottleneck=3),
     'pfeiffer': functools.partial(methods.get, 'pfeiffer', model_type='llama', bottleneck=3),
-    'lora+bitfit': lambda: methods.compose(methods.lora(rank=2, target='.*_proj'), methods.bitfit()),
+    'lora+bitfit': lambda: methods.compose(methods.lora(rank=2, target='.*_proj'),
+                                           methods.bitfit()),
     'ia3+lora': lambda: methods.compose(methods.get('ia3', model_type='llama'),
                                         methods.lora(rank=2, target='.*_proj')),
 }
 
 
-def _setup(name, scan):
+@functools.cache
+def _model(scan):
+  """The model, its jitted apply, an input and params (jitted: eager Flax is slow on CPU)."""
   model = Net(scan=scan)
   x = jax.random.normal(jax.random.key(0), (2, 3, HIDDEN))
-  params = model.init(jax.random.key(1), x)['params']
+  params = jax.jit(model.init)(jax.random.key(1), x)['params']
+  return model, jax.jit(model.apply), x, params
+
+
+def _setup(name, scan):
+  model, _, x, params = _model(scan)
   method = METHODS[name]()
   adapter = method.init(jax.random.key(2), params)
   return model, x, params, method, adapter
 
 
 def _perturb(adapter):
-  leaves, treedef = jax.tree.flatten(adapter)
-  keys = jax.random.split(jax.random.key(3), len(leaves))
-  return treedef.unflatten([l + 0.1 * jax.random.normal(k, l.shape) for l, k in zip(leaves, keys)])
+  rng = np.random.default_rng(3)
+  return jax.tree.map(lambda l: l + 0.1 * rng.normal(size=l.shape).astype(np.float32), adapter)
 
 
 @pytest.mark.parametrize('scan', [False, True], ids=['unscanned', 'scanned'])
 @pytest.mark.parametrize('name', list(METHODS))
 def test_identity_at_init_and_merged_equals_unmerged(name, scan):
   model, x, params, method, adapter = _setup(name, scan)
-  base = model.apply({'params': params}, x)
+  apply = _model(scan)[1]
+  base = apply({'params': params}, x)
   adapted = jax.jit(method.apply(model.apply))
   np.testing.assert_allclose(adapted(adapter, params, x), base, atol=1e-6)
 
@@ -85,13 +93,13 @@ def test_identity_at_init_and_merged_equals_unmerged(name, scan):
   y = adapted(tuned, params, x)
   assert np.abs(y - base).max() > 1e-3  # the adapter does act on the output
   if method.merge is not None:
-    merged = method.merge(tuned, params)
-    np.testing.assert_allclose(model.apply({'params': merged}, x), y, atol=1e-5)
+    merged = jax.jit(method.merge)(tuned, params)
+    np.testing.assert_allclose(apply({'params': merged}, x), y, atol=1e-5)
     assert jax.tree.structure(merged) == jax.tree.structure(tree.unflatten(tree.flatten(params)))
 
 
-@pytest.mark.parametrize('scan', [False, True], ids=['unscanned', 'scanned'])
-@pytest.mark.parametrize('name', ['lora', 'dora', 'ia3', 'houlsby', 'lora+bitfit'])
+@pytest.mark.parametrize('name, scan', [('lora', False), ('dora', True), ('ia3', True),
+                                        ('houlsby', False), ('lora+bitfit', True)])
 def test_gradients_only_for_adapter_and_base_untouched(name, scan):
   model, x, params, method, adapter = _setup(name, scan)
   frozen = jax.tree.map(np.array, params)
@@ -108,7 +116,8 @@ def test_gradients_only_for_adapter_and_base_untouched(name, scan):
   new, _, grads = step(adapter, tx.init(adapter))
   assert jax.tree.structure(grads) == jax.tree.structure(adapter)
   assert any(np.abs(g).max() > 0 for g in jax.tree.leaves(grads))
-  assert any(np.abs(n - a).max() > 0 for n, a in zip(jax.tree.leaves(new), jax.tree.leaves(adapter)))
+  assert any(np.abs(n - a).max() > 0
+             for n, a in zip(jax.tree.leaves(new), jax.tree.leaves(adapter)))
   assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(frozen)))
 
 
@@ -116,10 +125,10 @@ def test_scanned_adapter_has_layer_axis_and_is_sliced_per_layer():
   model, x, params, method, adapter = _setup('lora', scan=True)
   assert adapter['layers']['q_proj']['lora_A'].shape == (LAYERS, HIDDEN, 4)
   assert not np.allclose(*adapter['layers']['q_proj']['lora_A'])  # per-layer random init
-  adapted = method.apply(model.apply)
+  adapted = jax.jit(method.apply(model.apply))
   b = adapter['layers']['v_proj']['lora_B']
   only_layer_1 = b.at[1].set(1.0)
-  y0 = model.apply({'params': params}, x)
+  y0 = adapted(adapter, params, x)
   y1 = adapted({**adapter, 'layers': {**adapter['layers'], 'v_proj': {
       'lora_A': adapter['layers']['v_proj']['lora_A'], 'lora_B': only_layer_1}}}, params, x)
   assert np.abs(y1 - y0).max() > 1e-3
@@ -135,12 +144,10 @@ def test_trainable_counts_on_toy_model():
 
 
 def test_lora_dropout_uses_dropout_rng_only_when_training():
-  model = Net()
-  x = jax.random.normal(jax.random.key(0), (2, 3, HIDDEN))
-  params = model.init(jax.random.key(1), x)['params']
+  model, _, x, params = _model(scan=False)
   method = methods.lora(rank=4, target='.*q_proj', dropout=0.5)
   adapter = _perturb(method.init(jax.random.key(2), params))
-  adapted = method.apply(model.apply)
+  adapted = jax.jit(method.apply(model.apply))
   eval_out = adapted(adapter, params, x)
   train_a = adapted(adapter, params, x, rngs={'dropout': jax.random.key(4)})
   train_b = adapted(adapter, params, x, rngs={'dropout': jax.random.key(5)})
@@ -157,7 +164,8 @@ def test_bad_inputs_name_the_value():
     methods.lora(rank=0)
   with pytest.raises(ValueError, match=r'rank 17 exceeds min\(in, out\) = 16 of layers_0/q_proj'):
     methods.lora(rank=17, target='.*q_proj').init(jax.random.key(0), params)
-  with pytest.raises(ValueError, match=r"pattern '.\*/query' matches no linear module path.*q_proj"):
+  with pytest.raises(ValueError,
+                     match=r"pattern '.\*/query' matches no linear module path.*q_proj"):
     methods.lora(target='.*/query').init(jax.random.key(0), params)
   with pytest.raises(ValueError, match="model_type 'gptj'"):
     methods.get('lora', model_type='gptj')
@@ -169,3 +177,36 @@ def test_all_linear_excludes_output_head():
   _, _, params, _, adapter = _setup('dora', scan=False)
   modules = methods.by_module(adapter)
   assert 'lm_head' not in modules and len(modules) == LAYERS * 6
+
+
+def test_multi_axis_dense_general_is_rejected_by_name():
+  class Heads(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.DenseGeneral((2, 4), name='q_proj')(x)
+
+  x = jnp.ones((1, 8))
+  params = Heads().init(jax.random.key(0), x)['params']
+  method = methods.lora(rank=2, target='q_proj')
+  adapter = method.init(jax.random.key(1), params)
+  with pytest.raises(ValueError, match=r'q_proj: adapters support DenseGeneral with one input'):
+    method.apply(Heads().apply)(adapter, params, x)
+
+
+def test_scan_without_adapter_collection_raises_instead_of_ignoring_adapter():
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+      return nn.Dense(4, name='q_proj')(x), None
+
+  class Stack(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      stack = nn.scan(Block, variable_axes={'params': 0}, split_rngs={'params': True}, length=2)
+      return stack(name='layers')(x, None)[0]
+
+  x = jnp.ones((1, 4))
+  params = Stack().init(jax.random.key(0), x)['params']
+  method = methods.lora(rank=2, target='.*q_proj')
+  with pytest.raises(ValueError, match=r"\['layers/q_proj'\].*variable_axes"):
+    method.apply(Stack().apply)(method.init(jax.random.key(1), params), params, x)

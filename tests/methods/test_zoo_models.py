@@ -1,7 +1,6 @@
 """Weight-space methods on the model zoo's tiny Llama, unscanned and scan_layers=True."""
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -16,7 +15,7 @@ def _tiny(scan):
                              num_heads=4, num_kv_heads=2, scan_layers=scan)
   model = registry.build(config, 'causal_lm')
   ids = jax.random.randint(jax.random.key(0), (2, 7), 0, 64)
-  params = nn.meta.unbox(model.init(jax.random.key(1), ids)['params'])
+  params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(1), ids)['params'])
   return model, ids, params
 
 
@@ -28,19 +27,17 @@ def _tiny(scan):
 ], ids=['lora', 'dora', 'ia3'])
 def test_identity_at_init_and_merged_equals_unmerged(method, scan):
   model, ids, params = _tiny(scan)
-  logits = lambda out: out.logits
-  base = logits(model.apply({'params': params}, ids))
+  apply = jax.jit(lambda p, i: model.apply({'params': p}, i).logits)
+  base = apply(params, ids)
   adapter = method.init(jax.random.key(2), params)
-  adapted = jax.jit(lambda a, p, i: logits(method.apply(model.apply)(a, p, i)))
+  adapted = jax.jit(lambda a, p, i: method.apply(model.apply)(a, p, i).logits)
   np.testing.assert_allclose(adapted(adapter, params, ids), base, atol=1e-5)
 
-  leaves, treedef = jax.tree.flatten(adapter)
-  keys = jax.random.split(jax.random.key(3), len(leaves))
-  tuned = treedef.unflatten([l + 0.1 * jax.random.normal(k, l.shape) for l, k in zip(leaves, keys)])
+  rng = np.random.default_rng(3)
+  tuned = jax.tree.map(lambda l: l + 0.1 * rng.normal(size=l.shape).astype(np.float32), adapter)
   y = adapted(tuned, params, ids)
   assert np.abs(y - base).max() > 1e-3
-  merged = method.merge(tuned, params)
-  np.testing.assert_allclose(logits(model.apply({'params': merged}, ids)), y, atol=1e-5)
+  np.testing.assert_allclose(apply(method.merge(tuned, params), ids), y, atol=1e-5)
 
 
 def test_lora_paths_follow_hf_names():
@@ -50,3 +47,17 @@ def test_lora_paths_follow_hf_names():
   _, _, params = _tiny(scan=True)
   adapter = methods.get('lora', rank=4, model_type='llama').init(jax.random.key(0), params)
   assert adapter['model']['layers']['self_attn']['v_proj']['lora_B'].shape == (2, 4, 16)
+
+
+def test_boxed_params_are_accepted():
+  model, ids, params = _tiny(scan=True)
+  boxed = jax.jit(model.init)(jax.random.key(1), ids)['params']
+  method = methods.get('dora', rank=4, model_type='llama')
+  adapter = method.init(jax.random.key(2), boxed)
+  assert jax.tree.map(np.shape, adapter) == jax.tree.map(
+      np.shape, method.init(jax.random.key(2), params))
+  adapted = jax.jit(lambda a, p: method.apply(model.apply)(a, p, ids).logits)
+  np.testing.assert_allclose(adapted(adapter, boxed), adapted(adapter, params), atol=1e-6)
+  merged = method.merge(adapter, boxed)
+  np.testing.assert_allclose(merged['model']['layers']['self_attn']['q_proj']['kernel'],
+                             params['model']['layers']['self_attn']['q_proj']['kernel'], atol=1e-6)

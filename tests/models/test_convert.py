@@ -36,13 +36,16 @@ def test_init_carries_logical_axes_and_unboxes_to_arrays():
   config = registry.config_from_hf(dict(
       model_type='llama', vocab_size=64, hidden_size=32, intermediate_size=64,
       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2), scan_layers=True)
-  variables = registry.build(config, 'causal_lm').init(jax.random.key(0), jnp.zeros((1, 2), int))
+  module = registry.build(config, 'causal_lm')
+  variables = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 2), int))
   layer = variables['params']['model']['layers']
   assert layer['self_attn']['k_proj']['kernel'].names == ('layers', 'embed', 'kv_heads')
   assert layer['mlp']['down_proj']['kernel'].names == ('layers', 'mlp', 'embed')
   assert variables['params']['model']['embed_tokens']['embedding'].names == ('vocab', 'embed')
+  spec = nn.get_partition_spec(variables)['params']['lm_head']['kernel']
+  assert tuple(spec) == ('embed', 'vocab')
   plain = nn.unbox(variables)
-  assert isinstance(plain['params']['lm_head']['kernel'], jax.Array)
+  assert isinstance(plain['params']['lm_head']['kernel'], jax.ShapeDtypeStruct)
   assert plain['params']['model']['layers']['self_attn']['q_proj']['kernel'].shape == (2, 32, 32)
 
 
@@ -61,6 +64,14 @@ def test_legacy_rope_fields_read_like_rope_parameters_and_round_trip():
 def test_unsupported_model_type_names_it_and_lists_supported():
   with pytest.raises(errors.UnsupportedModelError, match=r"'t5'.*bert, gpt2, llama"):
     registry.config_from_hf({'model_type': 't5'})
+
+
+def test_unsupported_rope_scaling_names_it():
+  with pytest.raises(errors.UnsupportedModelError, match=r"'yarn'.*default, linear, llama3"):
+    registry.config_from_hf(dict(
+        model_type='llama', vocab_size=64, hidden_size=32, intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=4, rope_theta=1e4,
+        rope_scaling={'rope_type': 'yarn', 'factor': 4.0}))
 
 
 def broken_checkpoint(hf, tmp_path, edit):

@@ -1,0 +1,139 @@
+"""End-to-end runs of launch.py / train.loop on a tiny random BERT with an offline tokenizer:
+runlocal smoke, SIGKILL + resume == uninterrupted (bit for bit), NaN stop, exports."""
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import safetensors.numpy
+import tokenizers
+import transformers
+from tokenizers import models, pre_tokenizers, trainers
+
+from peftjax.train import loop
+
+ROOT = pathlib.Path(__file__).parents[2]
+POSITIVE = ['good movie', 'i like it', 'fine thanks', 'great fun', 'so good', 'love it']
+NEGATIVE = ['bad movie', 'i hate it', 'awful stuff', 'so bad', 'boring film', 'hate this']
+
+
+def _tokenizer():
+  backend = tokenizers.Tokenizer(models.WordLevel(unk_token='[UNK]'))
+  backend.pre_tokenizer = pre_tokenizers.Whitespace()
+  backend.train_from_iterator(POSITIVE + NEGATIVE,
+                              trainers.WordLevelTrainer(special_tokens=['[PAD]', '[UNK]']))
+  return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token='[PAD]')
+
+
+@pytest.fixture(scope='module')
+def tiny(hf_model, tmp_path_factory):
+  """A tiny BERT checkpoint dir with a tokenizer, and a labelled CSV."""
+  root = tmp_path_factory.mktemp('tiny_run')
+  model_dir = root / 'bert'
+  shutil.copytree(hf_model('bert', 'base').dir, model_dir)
+  _tokenizer().save_pretrained(model_dir)
+  rows = ['text,label'] + [f'{t},1' for t in POSITIVE] * 6 + [f'{t},0' for t in NEGATIVE] * 6
+  (root / 'data.csv').write_text('\n'.join(rows) + '\n')
+  return model_dir, root / 'data.csv'
+
+
+def _config(tiny, method='lora', **train):
+  from configs import sentiment
+  c = sentiment.get_config(f'method={method},runlocal')
+  c.model.source, c.data.source = str(tiny[0]), str(tiny[1])
+  c.data.update(max_length=8, batch_size=8, eval_batch_size=8, max_train_examples=0,
+                max_eval_examples=0, validation_fraction=0.25)
+  c.train.update(steps=8, log_every=1, eval_every=4, checkpoint_every=2, keep=10)
+  c.train.update(train)
+  return c
+
+
+def _flags(tiny, workdir, **train):
+  flags = [f'--config={ROOT}/configs/sentiment.py:method=lora,runlocal', f'--workdir={workdir}',
+           f'--config.model.source={tiny[0]}', f'--config.data.source={tiny[1]}',
+           '--config.data.max_length=8', '--config.data.batch_size=8',
+           '--config.data.eval_batch_size=8', '--config.data.max_train_examples=0',
+           '--config.data.max_eval_examples=0', '--config.data.validation_fraction=0.25',
+           '--config.train.log_every=1', '--config.train.eval_every=4', '--config.train.keep=10',
+           '--config.train.checkpoint_every=2', '--config.train.steps=8']
+  return flags + [f'--config.train.{k}={v}' for k, v in train.items()]
+
+
+def _adapter(workdir):
+  return safetensors.numpy.load_file(str(pathlib.Path(workdir) / 'adapter' /
+                                         'adapter_model.safetensors'))
+
+
+@pytest.fixture(autouse=True)
+def _configs_importable(monkeypatch):
+  monkeypatch.syspath_prepend(str(ROOT))
+
+
+@pytest.mark.parametrize('method', ['lora', 'bitfit', 'ia3', 'houlsby'])
+def test_runlocal_trains_evaluates_and_exports(tiny, tmp_path, method):
+  final = loop.run(_config(tiny, method), tmp_path)
+  assert set(final) == {'loss', 'accuracy', 'f1_macro'}
+  lines = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  assert [l['step'] for l in lines if l['split'] == 'train'] == list(range(1, 9))
+  assert [l['step'] for l in lines if l['split'] == 'eval'] == [4, 8]
+  assert list((tmp_path / 'tb').iterdir())
+  exported = sorted(p.name for p in (tmp_path / 'adapter').iterdir())
+  assert exported == (['adapter_config.json', 'adapter_model.safetensors']
+                      if method in ('lora', 'ia3') else ['peftjax_adapter.safetensors'])
+
+
+def test_sigkill_then_resume_equals_uninterrupted(tiny, tmp_path):
+  """A real SIGKILL of launch.py after a checkpoint; the resumed run's final adapter equals an
+  uninterrupted run's bit for bit."""
+  loop.run(_config(tiny), tmp_path / 'ref')
+  workdir = tmp_path / 'killed'
+  cmd = [sys.executable, str(ROOT / 'launch.py')] + _flags(tiny, workdir)
+  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  deadline = time.time() + 300
+  while not (workdir / 'checkpoints' / '4').exists():
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    assert time.time() < deadline
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL
+  assert not (workdir / 'adapter').exists()       # it really died before the end
+  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert 'resumed from step' in out.stdout
+  ref, resumed = _adapter(tmp_path / 'ref'), _adapter(workdir)
+  assert ref.keys() == resumed.keys()
+  for k in ref:
+    np.testing.assert_array_equal(resumed[k], ref[k], err_msg=k)
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny, tmp_path):
+  """Step 1 (lr 1e30) makes every weight ~1e30: finite, saved; step 2's loss overflows."""
+  c = _config(tiny, 'full', checkpoint_every=1)
+  c.optim.update(learning_rate=1e30, clip_norm=0.0, warmup_steps=0, schedule='constant')
+  with pytest.raises(FloatingPointError, match=r'non-finite .*loss.* at step 2; the last good '
+                     r'checkpoint \(step 1\)'):
+    loop.run(c, tmp_path)
+  assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == ['1']
+  restored = ocp.PyTreeCheckpointer().restore(tmp_path / 'checkpoints' / '1' / 'default')
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(restored['adapter']))
+  assert not (tmp_path / 'adapter').exists()
+
+
+def test_unknown_names_are_listed(tiny, tmp_path):
+  c = _config(tiny)
+  c.task = 'translate'
+  with pytest.raises(ValueError, match="unknown task 'translate'; valid tasks: classification, sft"):
+    loop.run(c, tmp_path)
+  c = _config(tiny)
+  c.peft.method = 'loha'
+  with pytest.raises(ValueError, match="unknown PEFT method 'loha'"):
+    loop.run(c, tmp_path)
