@@ -215,7 +215,7 @@ def attention_context(batch: int, length: int, *, attention_mask=None, prefix_ma
 
   Returns ``(ctx, cache)`` where ``cache`` has ``mask``/``index``/``pos`` advanced (or None)."""
   valid = (jnp.ones((batch, length), bool) if attention_mask is None
-           else attention_mask.astype(bool))
+           else attention_mask != 0)
   index = None
   q_slots = k_slots = jnp.arange(length)
   kv_valid = valid
@@ -232,6 +232,11 @@ def attention_context(batch: int, length: int, *, attention_mask=None, prefix_ma
   if window:
     allowed = allowed & (k_slots[None, :] > q_slots[:, None] - window)
   mask = kv_valid[:, None, :] & allowed[None]
+  if attention_mask is not None and cache is None:
+    # Packed rows carry segment ids (1..k, 0 = pad): tokens attend within their own segment.
+    # For 0/1 masks this changes nothing at valid positions.
+    seg = attention_mask.astype(jnp.int32)
+    mask = mask & (seg[:, :, None] == seg[:, None, :])
   pmask = None
   if prefix_len:
     pvalid = (jnp.ones((batch, prefix_len), bool) if prefix_mask is None

@@ -89,6 +89,11 @@ def run(config, workdir) -> dict:
 
   mesh = sharding.mesh_from_config(config)
   rules = sharding.rules_from_config(config)
+  shards = mesh.shape['data'] * mesh.shape['fsdp']
+  for name in ('batch_size', 'eval_batch_size'):
+    if config.data[name] % shards:
+      raise ValueError(f'config.data.{name}={config.data[name]} is not divisible by the '
+                       f"mesh's data x fsdp = {shards} batch shards ({dict(mesh.shape)})")
   base_axes, base_shardings = _base_shardings(pre.module, mesh, rules)
   params = jax.device_put(pre.params, base_shardings)
   optimizer = optim.make_optimizer(
@@ -111,12 +116,14 @@ def run(config, workdir) -> dict:
   apply = method.apply(pre.module.apply)
   loss_fn = task.loss_fn(apply, pre)
   batch_sharding = sharding.batch_sharding(mesh)
+  # Mixed precision: a bfloat16 model computes in bfloat16; adapter master weights stay float32.
+  compute_dtype = None if m.dtype == 'float32' else DTYPES[m.dtype]
   train_step = step_lib.make_train_step(loss_fn, optimizer, state_shardings=state_shardings,
                                         base_shardings=base_shardings,
-                                        batch_sharding=batch_sharding)
+                                        batch_sharding=batch_sharding, compute_dtype=compute_dtype)
   eval_step = step_lib.make_eval_step(loss_fn, adapter_shardings=state_shardings.adapter,
                                       base_shardings=base_shardings,
-                                      batch_sharding=batch_sharding)
+                                      batch_sharding=batch_sharding, compute_dtype=compute_dtype)
   d = config.data
   loader = data.Loader(train_ds, global_batch_size=d.batch_size, seq_len=seq_len,
                        seed=config.seed, pad_id=_pad_id(pre.tokenizer))

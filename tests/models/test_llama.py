@@ -124,15 +124,20 @@ def test_every_projection_is_an_interceptable_dense_at_its_hf_path(flax_model, z
   assert 'lm_head' in seen and len(seen) == 2 * 7 + 1
 
 
-@pytest.mark.slow
-def test_smollm2_gguf_matches_transformers():
-  """Real SmolLM2-135M (Q4_1 GGUF, dequantised by both sides) through load_pretrained."""
+@pytest.fixture(scope='module')
+def smollm2():
   from peftjax import assets
   try:
     path = assets.path('smollm2-135m-instruct')
   except assets.AssetNotInstalledError as err:
     pytest.skip(str(err))
-  pre = auto.load_pretrained('smollm2-135m-instruct', scan_layers=True)
+  return path, auto.load_pretrained('smollm2-135m-instruct', scan_layers=True)
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_matches_transformers(smollm2):
+  """Real SmolLM2-135M (Q4_1 GGUF, dequantised by both sides) through load_pretrained."""
+  path, pre = smollm2
   pre.tokenizer.padding_side = 'left'
   batch = pre.tokenizer(['Hello, my name is', 'The capital of France is the city of'],
                         padding=True, return_tensors='np')
@@ -145,3 +150,34 @@ def test_smollm2_gguf_matches_transformers():
               position_ids=torch.as_tensor(np.maximum(mask.cumsum(1) - 1, 0))).logits.numpy()
   # 30 layers in float32, logits of magnitude ~30: agreement to ~1e-5 relative
   assert np.abs(np.asarray(got)[mask == 1] - want[mask == 1]).max() < 1e-3
+
+
+@pytest.mark.slow
+def test_smollm2_answers_capital_of_france(smollm2):
+  """Greedy chat decoding with the KV cache on the real weights."""
+  from peftjax import generate
+  _, pre = smollm2
+  prompt = pre.tokenizer.apply_chat_template(
+      [{'role': 'user', 'content': 'What is the capital of France?'}],
+      add_generation_prompt=True, tokenize=False)
+  ids = np.asarray([pre.tokenizer(prompt)['input_ids']], np.int32)
+  out = generate.generate(pre.module, {'params': pre.params}, ids, max_new_tokens=24,
+                          eos_token_id=pre.tokenizer.eos_token_id)
+  answer = pre.tokenizer.decode(np.asarray(out.tokens[0, :int(out.lengths[0])]),
+                                skip_special_tokens=True)
+  assert 'Paris' in answer, answer
+
+
+def test_packed_segments_equal_separate_sequences(flax_model):
+  """Segment ids in ``attention_mask`` (1..k, 0 = pad) with restarting positions: each packed
+  example gives the logits it gives alone."""
+  fm = flax_model('llama_gqa')
+  rng = np.random.default_rng(3)
+  a, b = rng.integers(2, 97, 4), rng.integers(2, 97, 3)
+  packed = np.concatenate([a, b, [0]])[None].astype(np.int32)
+  seg = np.array([[1, 1, 1, 1, 2, 2, 2, 0]], np.int32)
+  pos = np.array([[0, 1, 2, 3, 0, 1, 2, 0]], np.int32)
+  out = fm.apply({'params': fm.params}, packed, attention_mask=seg, position_ids=pos).logits
+  for ids, at in ((a, slice(0, 4)), (b, slice(4, 7))):
+    alone = fm.apply({'params': fm.params}, ids[None].astype(np.int32)).logits
+    np.testing.assert_allclose(out[0, at], alone[0], atol=1e-5)

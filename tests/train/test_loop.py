@@ -25,12 +25,23 @@ POSITIVE = ['good movie', 'i like it', 'fine thanks', 'great fun', 'so good', 'l
 NEGATIVE = ['bad movie', 'i hate it', 'awful stuff', 'so bad', 'boring film', 'hate this']
 
 
+PAIRS = [('hi there', 'hello friend'), ('how are you', 'fine thanks'), ('good movie', 'i like it'),
+         ('bad movie', 'i hate it'), ('what is up', 'so good')]
+# 'role content <|end|>' turns; the assistant header opens a reply.
+TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|> {% endif %}")
+
+
 def _tokenizer():
   backend = tokenizers.Tokenizer(models.WordLevel(unk_token='[UNK]'))
   backend.pre_tokenizer = pre_tokenizers.Whitespace()
-  backend.train_from_iterator(POSITIVE + NEGATIVE,
-                              trainers.WordLevelTrainer(special_tokens=['[PAD]', '[UNK]']))
-  return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token='[PAD]')
+  specials = ['[PAD]', '[UNK]', '<|end|>', '<|user|>', '<|assistant|>']
+  backend.train_from_iterator(POSITIVE + NEGATIVE + [' '.join(p) for p in PAIRS],
+                              trainers.WordLevelTrainer(special_tokens=specials))
+  tok = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token='[PAD]',
+                                             eos_token='<|end|>')
+  tok.chat_template = TEMPLATE
+  return tok
 
 
 @pytest.fixture(scope='module')
@@ -43,6 +54,32 @@ def tiny(hf_model, tmp_path_factory):
   rows = ['text,label'] + [f'{t},1' for t in POSITIVE] * 6 + [f'{t},0' for t in NEGATIVE] * 6
   (root / 'data.csv').write_text('\n'.join(rows) + '\n')
   return model_dir, root / 'data.csv'
+
+
+@pytest.fixture(scope='module')
+def tiny_lm(hf_model, tmp_path_factory):
+  """A tiny tied llama checkpoint dir with a chat-template tokenizer, and prompt/response jsonl."""
+  root = tmp_path_factory.mktemp('tiny_lm')
+  shutil.copytree(hf_model('llama_tied', 'causal_lm').dir, root / 'llama')
+  _tokenizer().save_pretrained(root / 'llama')
+  rows = [json.dumps({'prompt': p, 'response': r}) for p, r in PAIRS * 8]
+  (root / 'chat.jsonl').write_text('\n'.join(rows) + '\n')
+  return root / 'llama', root / 'chat.jsonl'
+
+
+@pytest.mark.parametrize('method', ['lora', 'dora', 'full'])
+def test_sft_runlocal_lowers_the_response_loss(tiny_lm, tmp_path, method):
+  from configs import sft
+  c = sft.get_config(f'method={method},runlocal')
+  c.model.source, c.data.source = str(tiny_lm[0]), str(tiny_lm[1])
+  c.data.update(max_length=16, batch_size=8, eval_batch_size=8, validation_fraction=0.2,
+                max_train_examples=0, max_eval_examples=0)
+  c.optim.learning_rate = 1e-2 if method != 'full' else 1e-3
+  c.train.update(steps=12, log_every=1, eval_every=6, checkpoint_every=6)
+  final = loop.run(c, tmp_path)
+  lines = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  evals = [l for l in lines if l['split'] == 'eval']
+  assert evals[-1]['loss'] < evals[0]['loss'] and final['perplexity'] > 1.0
 
 
 def _config(tiny, method='lora', **train):
@@ -132,6 +169,11 @@ def test_unknown_names_are_listed(tiny, tmp_path):
   c = _config(tiny)
   c.task = 'translate'
   with pytest.raises(ValueError, match="unknown task 'translate'; valid tasks: classification, sft"):
+    loop.run(c, tmp_path)
+  c = _config(tiny)
+  c.data.batch_size = 6
+  with pytest.raises(ValueError, match=r'config.data.batch_size=6 is not divisible by the '
+                     r"mesh's data x fsdp = 8"):
     loop.run(c, tmp_path)
   c = _config(tiny)
   c.peft.method = 'loha'
