@@ -13,3 +13,13 @@ class CheckpointError(ValueError):
 
 class UnsupportedModelError(ValueError):
   """The checkpoint's architecture / model_type is not in the model zoo."""
+
+
+class DataError(ValueError):
+  """A dataset, column or row cannot be used as asked; the message names column, row and value.
+
+  >>> raise DataError("column 'text' missing; present columns: label, sentence")
+  Traceback (most recent call last):
+  ...
+  peftjax.errors.DataError: column 'text' missing; present columns: label, sentence
+  """

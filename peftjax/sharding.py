@@ -118,6 +118,16 @@ def param_shardings(boxed_abstract, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
   return tree_shardings(logical_axes(boxed_abstract), nn.meta.unbox(boxed_abstract), mesh, rules)
 
 
+def model_shardings(module: nn.Module, mesh: Mesh, rules=DEFAULT_RULES) -> tuple[Any, Any]:
+  """Logical axes and shardings of a zoo model's params, from an abstract (never materialised)
+  init: what loaded checkpoints are `device_put` with.
+
+  >>> axes, shardings = model_shardings(pre.module, mesh)   # doctest: +SKIP
+  """
+  boxed = jax.eval_shape(lambda: module.init(jax.random.key(0), np.ones((1, 2), np.int32)))
+  return logical_axes(boxed['params']), param_shardings(boxed['params'], mesh, rules)
+
+
 def sharded_init(init_fn, mesh: Mesh, rules, *args):
   """Runs a Linen `init_fn(*args)` directly into its shardings; nothing is materialised unsharded.
 

@@ -160,3 +160,38 @@ def test_process_slices_and_global_batch():
   assert batch['ids'].sharding.spec == jax.sharding.PartitionSpec(('data', 'fsdp'))
   np.testing.assert_array_equal(batch['ids'], np.arange(32).reshape(8, 4))
   assert not sharding.maybe_initialize_distributed(None)
+
+
+@pytest.mark.parametrize('sizes', [(1, 8, 1), (2, 2, 2)])
+def test_zoo_llama_lora_sharded_equals_single_device(sizes, flax_model):
+  """The real path: zoo llama, methods.lora, chunked loss, shardings from logical axes."""
+  from peftjax import methods
+  fm = flax_model('llama_gqa')
+  method = methods.get('lora', rank=4, alpha=8.0)
+  apply = method.apply(fm.module.apply)
+  ids = np.random.RandomState(0).randint(1, 97, (8, 8)).astype(np.int32)
+
+  def loss(adapter, base, batch, rng):
+    hidden = apply(adapter, base, batch['ids']).hidden
+    labels, mask = lm.next_token_targets(batch['ids'])
+    return lm.chunked_lm_loss(hidden, base['lm_head']['kernel'], labels, mask, chunk=16), {}
+
+  def run(mesh):
+    axes, shardings = sharding.model_shardings(fm.module, mesh)
+    base = jax.device_put(fm.params, shardings)
+    tx = optax.adamw(1e-2)
+    state, state_sh = init_train_state(method.init, tx, jax.random.key(1), base, axes, mesh)
+    step = make_train_step(loss, tx, state_shardings=state_sh, base_shardings=shardings,
+                           batch_sharding=sharding.batch_sharding(mesh))
+    losses = []
+    for _ in range(3):
+      state, metrics = step(state, base, sharding.global_batch({'ids': ids}, mesh))
+      losses.append(float(metrics['loss']))
+    return np.array(losses), jax.device_get(state.adapter)
+
+  ref_losses, ref_adapter = run(sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+  losses, adapter = run(sharding.make_mesh(*sizes))
+  assert ref_losses[-1] < ref_losses[0]
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), adapter,
+               ref_adapter)

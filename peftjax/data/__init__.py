@@ -7,7 +7,7 @@
 ...                       seq_len=256, seed=0)                           # doctest: +SKIP
 """
 from peftjax.data.chat import encode_chat, pair_messages, render
-from peftjax.data.errors import DataError
+from peftjax.errors import DataError
 from peftjax.data.loader import Loader, LoaderState
 from peftjax.data.packing import pack
 from peftjax.data.sources import chatterbot_pairs, open_dataset, sentiment_tweets

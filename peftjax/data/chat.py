@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from peftjax.data.errors import DataError
+from peftjax.errors import DataError
 
 # For tokenizers that ship no chat template (GPT-2, BERT): Zephyr-style role headers, each
 # turn closed by the tokenizer's eos (or sep) token.

@@ -32,7 +32,7 @@ import datasets
 import jax
 import numpy as np
 
-from peftjax.data.errors import DataError
+from peftjax.errors import DataError
 
 LAST_BATCH_POLICIES = ('drop', 'pad')
 

@@ -20,7 +20,7 @@ import bisect
 import datasets
 import numpy as np
 
-from peftjax.data.errors import DataError
+from peftjax.errors import DataError
 
 
 def assign_rows(lengths, seq_len: int) -> list[list[int]]:

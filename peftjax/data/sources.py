@@ -21,7 +21,7 @@ import numpy as np
 import yaml
 
 from peftjax import assets
-from peftjax.data.errors import DataError
+from peftjax.errors import DataError
 
 _FILE_READERS = {
     '.jsonl': datasets.Dataset.from_json,

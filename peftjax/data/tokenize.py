@@ -19,7 +19,7 @@ import datasets
 import numpy as np
 
 from peftjax.data import chat
-from peftjax.data.errors import DataError
+from peftjax.errors import DataError
 
 OVERFLOW_POLICIES = ('truncate', 'skip', 'error')
 

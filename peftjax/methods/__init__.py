@@ -12,7 +12,7 @@ from peftjax.methods.base import ADAPTER, PeftMethod, by_module, compose, substi
 from peftjax.methods.bitfit import bitfit
 from peftjax.methods.full import full
 from peftjax.methods.ia3 import ia3
-from peftjax.methods.lora import lora, lora_plus, lora_plus_labels
+from peftjax.methods.lora import lora, lora_plus_labels
 
 METHODS = {
     'full': full,

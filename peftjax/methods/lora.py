@@ -15,12 +15,10 @@ Leaves map to HF PEFT names: ``<path>/lora_A`` <-> ``<path>.lora_A.weight`` (tra
 {'q_proj': {'lora_A': (8, 2), 'lora_B': (2, 8)}}
 """
 import math
-from typing import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
 
 from peftjax import tree
 from peftjax.methods import base, targets
@@ -102,22 +100,7 @@ def lora(rank: int = 8, alpha: float = 8.0, target: str = targets.ALL_LINEAR,
 
 
 def lora_plus_labels(adapter) -> dict:
-  """LoRA+ (Hayou et al. 2024) parameter groups: ``'lora_B'`` for B leaves, else ``'default'``."""
+  """LoRA+ (Hayou et al. 2024) parameter groups: ``'lora_B'`` for B leaves, else ``'default'``;
+  ``train.optim`` gives each label its learning-rate multiplier (``lr_multipliers``)."""
   return tree.unflatten({p: 'lora_B' if p.endswith('/lora_B') else 'default'
                          for p in tree.flatten(adapter)})
-
-
-def lora_plus(make_optimizer: Callable[[optax.ScalarOrSchedule], optax.GradientTransformation],
-              learning_rate: optax.ScalarOrSchedule, ratio: float = 16.0
-              ) -> optax.GradientTransformation:
-  """An optimizer giving ``lora_B`` a ``ratio``x learning rate (HF ``loraplus_lr_ratio``).
-
-  >>> tx = lora_plus(optax.adamw, 1e-4, ratio=16.0)
-  """
-  if callable(learning_rate):
-    scaled = lambda step: ratio * learning_rate(step)
-  else:
-    scaled = ratio * learning_rate
-  return optax.multi_transform({'default': make_optimizer(learning_rate),
-                                'lora_B': make_optimizer(scaled)},
-                               lora_plus_labels)

@@ -94,7 +94,7 @@ def run(config, workdir) -> dict:
     if config.data[name] % shards:
       raise ValueError(f'config.data.{name}={config.data[name]} is not divisible by the '
                        f"mesh's data x fsdp = {shards} batch shards ({dict(mesh.shape)})")
-  base_axes, base_shardings = _base_shardings(pre.module, mesh, rules)
+  base_axes, base_shardings = sharding.model_shardings(pre.module, mesh, rules)
   params = jax.device_put(pre.params, base_shardings)
   optimizer = optim.make_optimizer(
       {**config.optim.to_dict(), 'total_steps': config.train.steps,
@@ -179,13 +179,6 @@ def run(config, workdir) -> dict:
     _export(config, workdir, method, jax.device_get(state.adapter), pre)
   print(f'final eval: {json.dumps(final)}')
   return final
-
-
-def _base_shardings(module, mesh, rules):
-  """Logical axes and shardings of the model's params, from an abstract (never materialised) init."""
-  boxed = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.ones((1, 2), jnp.int32)))
-  return (sharding.logical_axes(boxed['params']),
-          sharding.param_shardings(boxed['params'], mesh, rules))
 
 
 def _pad_id(tokenizer) -> int:

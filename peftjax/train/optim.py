@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from peftjax.methods.lora import lora_plus_labels
+
 _LAYER = re.compile(r'(?:^|/)(?:layers|layer|h)_(\d+)(?:/|$)')
 _SCANNED = re.compile(r'(?:^|/)(?:layers|layer|h)(?:/|$)')
 _EMBEDDING = re.compile(r'embed|(?:^|/)(?:wte|wpe)(?:/|$)', re.IGNORECASE)
@@ -176,13 +178,6 @@ def scale_by_label(label_fn: Callable[[Any], Any], multipliers: Mapping[str, flo
     return jax.tree.map(lambda u, l: (u * multipliers.get(l, 1.0)).astype(u.dtype), updates, labels), state
 
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
-
-
-def lora_plus_labels(tree) -> Any:
-  """Labels LoRA B factors `'lora_B'` and every other leaf `'default'` (LoRA+ hook)."""
-  def label(path, _):
-    return 'lora_B' if re.search(r'(^|_)B$', _path_str(path).rsplit('/', 1)[-1]) else 'default'
-  return jax.tree_util.tree_map_with_path(label, tree)
 
 
 def make_schedule(cfg: Mapping[str, Any]) -> optax.Schedule:

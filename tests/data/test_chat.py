@@ -5,7 +5,7 @@ import transformers
 
 from peftjax import assets
 from peftjax.data import chat
-from peftjax.data.errors import DataError
+from peftjax.errors import DataError
 
 TWO_TURNS = [
     {'role': 'user', 'content': 'hello there'},

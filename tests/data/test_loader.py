@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from peftjax.data import loader as loader_lib, packing
-from peftjax.data.errors import DataError
+from peftjax.errors import DataError
 
 ROWS = datasets.Dataset.from_dict({
     'input_ids': [[i + 1] * (1 + i % 4) for i in range(10)], 'labels': list(range(10))})

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from peftjax.data import packing, tokenize
-from peftjax.data.errors import DataError
+from peftjax.errors import DataError
 
 
 def test_golden_small_example():

@@ -5,7 +5,7 @@ import datasets
 import pytest
 
 from peftjax.data import sources, tokenize
-from peftjax.data.errors import DataError
+from peftjax.errors import DataError
 
 ROWS = [{'prompt': 'hi', 'response': 'hello'}, {'prompt': 'how are you', 'response': 'fine'}]
 

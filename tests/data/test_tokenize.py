@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from peftjax.data import tokenize
-from peftjax.data.errors import DataError
+from peftjax.errors import DataError
 
 REVIEWS = datasets.Dataset.from_dict({
     'text': ['good movie', 'i hate it', 'how are you i like it good movie'],

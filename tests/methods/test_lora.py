@@ -6,6 +6,7 @@ import numpy as np
 import optax
 import pytest
 
+from peftjax.train import optim
 from peftjax import methods, tree
 
 
@@ -121,7 +122,9 @@ def test_lora_plus_gives_b_a_ratio_times_learning_rate():
   params = {'q_proj': {'kernel': jnp.ones((4, 4))}}
   adapter = methods.lora(rank=2, target='q_proj').init(jax.random.key(0), params)
   assert methods.lora_plus_labels(adapter) == {'q_proj': {'lora_A': 'default', 'lora_B': 'lora_B'}}
-  tx = methods.lora_plus(optax.sgd, 0.1, ratio=16.0)
+  tx = optim.make_optimizer({'name': 'sgd', 'learning_rate': 0.1, 'total_steps': 10,
+                             'schedule': 'constant', 'lr_multipliers': {'lora_B': 16.0}},
+                            label_fn=methods.lora_plus_labels)
   grads = jax.tree.map(jnp.ones_like, adapter)
   updates, _ = tx.update(grads, tx.init(adapter), adapter)
   np.testing.assert_allclose(updates['q_proj']['lora_A'], -0.1)
