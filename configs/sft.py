@@ -16,7 +16,7 @@ def get_config(arg=None):
   c.task = 'sft'
   c.seed = 0
 
-  c.model = dict(source='smollm2-135m-instruct', dtype='float32', scan_layers=False, remat=False)
+  c.model = dict(source='smollm2-135m-instruct', dtype='float32', scan_layers=True, remat=False)
   c.data = dict(source='chatterbot-english', deduplicate=True, validation_fraction=0.05,
                 system='', max_length=128, overflow='skip', packing=True,
                 batch_size=8, eval_batch_size=16, max_train_examples=0, max_eval_examples=0)

@@ -100,13 +100,14 @@ def sentiment_tweets(seed: int = 0, validation_fraction: float = 0.1) -> dataset
   return datasets.DatasetDict(train=subset(~is_val), validation=subset(is_val))
 
 
-def chatterbot_pairs(deduplicate: bool = False) -> datasets.Dataset:
+def chatterbot_pairs(deduplicate: bool = False, drop_blank: bool = False) -> datasets.Dataset:
   """Prompt/response pairs from the chatterbot English YAML files (2,393; 1,257 distinct).
 
   A conversation of k turns gives the k - 1 consecutive pairs (turn i -> turn i + 1).
   Columns: ``prompt``, ``response``, ``category`` (the YAML file's stem). The files repeat
   pairs (tech_support.yml holds 1,050 pairs, 10 distinct); ``deduplicate=True`` keeps the
-  first of each identical (prompt, response).
+  first of each identical (prompt, response); ``drop_blank=True`` drops pairs whose prompt or
+  response is only whitespace (e.g. trivia.yml's ``'n' -> ' '``), which have no reply to learn.
   """
   columns = {'prompt': [], 'response': [], 'category': []}
   seen = set()
@@ -115,7 +116,7 @@ def chatterbot_pairs(deduplicate: bool = False) -> datasets.Dataset:
       if not all(isinstance(t, str) for t in turns):
         raise DataError(f'{file}: conversation {n} has a turn that is not a string: {turns!r}')
       for pair in zip(turns, turns[1:]):
-        if deduplicate and pair in seen:
+        if (deduplicate and pair in seen) or (drop_blank and not all(t.strip() for t in pair)):
           continue
         seen.add(pair)
         columns['prompt'].append(pair[0])

@@ -89,7 +89,7 @@ def _classification_summary(sums):
 def _sft_datasets(config, tokenizer):
   d = config.data
   if d.source == 'chatterbot-english':
-    pairs = data.chatterbot_pairs(deduplicate=d.deduplicate)
+    pairs = data.chatterbot_pairs(deduplicate=d.deduplicate, drop_blank=True)
   else:
     pairs = data.open_dataset(d.source)
   splits = pairs.train_test_split(d.validation_fraction, seed=config.seed)

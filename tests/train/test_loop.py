@@ -179,3 +179,15 @@ def test_unknown_names_are_listed(tiny, tmp_path):
   c.peft.method = 'loha'
   with pytest.raises(ValueError, match="unknown PEFT method 'loha'"):
     loop.run(c, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', ['sentiment', 'sft'])
+def test_runlocal_on_bundled_real_assets(name, tmp_path):
+  """The configs' own runlocal variants on the real MiniLM / SmolLM2 and the bundled data."""
+  import importlib
+  c = importlib.import_module(f'configs.{name}').get_config('method=lora,runlocal')
+  c.data.update(batch_size=8, eval_batch_size=8)   # the tests run on 8 fake devices
+  final = loop.run(c, tmp_path)
+  assert np.isfinite(final['loss'])
+  assert (tmp_path / 'adapter' / 'adapter_config.json').exists()
