@@ -4,8 +4,8 @@ Both frameworks train the same model on the same batch with LoRA and AdamW (lr 1
 decay 0.01, constant schedule). Each (config, framework) runs in its own subprocess, so its peak
 memory is its own. The JAX step is the library's real path: ``methods.get('lora', ...).apply``,
 ``train.state.init_train_state``, ``train.step.make_train_step`` and the chunked LM loss
-(``objectives.lm.chunked_nll`` on the final hidden states, so the [B, T, vocab] logits never
-exist).
+(``objectives.lm.chunked_nll`` on the final hidden states and ``heads.output_embedding``, so
+the [B, T, vocab] logits never exist).
 
   .venv/bin/python experiments/bench_train_step.py                     # SmolLM2-135M, CPU
   .venv/bin/python experiments/bench_train_step.py --configs qv --frameworks jax --steps 5
@@ -169,7 +169,7 @@ def jax_worker(args, ids: np.ndarray) -> dict:
   import jax.numpy as jnp
   from peftjax import methods, sharding
   from peftjax.methods import targets
-  from peftjax.models import auto, registry
+  from peftjax.models import auto, heads, registry
   from peftjax.objectives import lm
   from peftjax.train import optim, step as step_lib, state as state_lib
 
@@ -202,12 +202,11 @@ def jax_worker(args, ids: np.ndarray) -> dict:
   state, state_sh = state_lib.init_train_state(method.init, tx, jax.random.key(1), params,
                                                base_axes, mesh, rules)
   apply = method.apply(module.apply)
-  tied = config.tie_word_embeddings
 
   def loss_fn(adapter, base, batch, rng):
     hidden = apply(adapter, base, batch['input_ids'], attention_mask=batch['attention_mask'],
                    deterministic=False, rngs={'dropout': rng}).hidden
-    kernel = base['model']['embed_tokens']['embedding'] if tied else base['lm_head']['kernel']
+    kernel, tied = heads.output_embedding(config, base)
     labels, mask = lm.next_token_targets(batch['input_ids'], batch['attention_mask'])
     nll, count = lm.chunked_nll(hidden, kernel.astype(hidden.dtype), labels, mask,
                                 chunk=args.loss_chunk, tied=tied)
@@ -343,13 +342,14 @@ def format_table(rows: list[dict]) -> str:
       mark = '*' if r['xla_loops'] else ''
       xla = (f"{r['xla_flops'] / 1e9:.1f}{mark}",
              f"{r['xla_flops_per_s'] / 1e9:.1f} ({100 * r['xla_frac_peak']:.0f}%){mark}")
+    ratio = f"{r['time_vs_torch']:.2f}" if 'time_vs_torch' in r else '-'
     mem = f"{r['process_peak_rss_mib']:.0f} / {r['train_peak_rss_mib'] - r['rss_after_load_mib']:.0f}"
     if 'device_peak_mib' in r:
       mem += f" (device {r['device_peak_mib']:.0f})"
     lines.append(
         f"| {r['config']} | {r['framework']} | {r['trainable']:,} | "
         f"{r['compile_s']:.1f} | {r['s_per_step']:.3f} | {r['tokens_per_s']:.0f} | {mem} | "
-        f"{r.get('time_vs_torch', float('nan')):.2f} | {r['first_loss']:.4f} | {xla[0]} | {xla[1]} | "
+        f"{ratio} | {r['first_loss']:.4f} | {xla[0]} | {xla[1]} | "
         f"{r['model_flops_per_s'] / 1e9:.1f} ({100 * r['model_frac_peak']:.0f}%) |")
   if any(r.get('xla_loops') for r in rows):
     lines.append('\n\\* XLA counts a loop body once (scanned layers, several loss chunks): a lower bound.')

@@ -14,9 +14,9 @@ import ml_collections
 PEFT_DEFAULTS = {
     'full': dict(learning_rate=5e-5),
     'bitfit': dict(learning_rate=1e-3),
-    'lora': dict(rank=8, alpha=16.0, dropout=0.05, learning_rate=1e-3),
-    'rslora': dict(rank=8, alpha=16.0, dropout=0.05, learning_rate=1e-3),
-    'dora': dict(rank=8, alpha=16.0, dropout=0.05, learning_rate=1e-3),
+    'lora': dict(rank=8, alpha=16.0, dropout=0.05, learning_rate=2e-3),
+    'rslora': dict(rank=8, alpha=16.0, dropout=0.05, learning_rate=2e-3),
+    'dora': dict(rank=8, alpha=16.0, dropout=0.05, learning_rate=2e-3),
     'ia3': dict(learning_rate=3e-3),
     'houlsby': dict(bottleneck=64, learning_rate=1e-3),
     'pfeiffer': dict(bottleneck=64, learning_rate=1e-3),
