@@ -20,7 +20,7 @@ from peftjax.models import layers
 
 
 @dataclasses.dataclass(frozen=True)
-class BertConfig:
+class BertConfig(layers.MultiHeadConfig):
   vocab_size: int
   hidden_size: int
   intermediate_size: int
@@ -53,14 +53,6 @@ class BertConfig:
   @property
   def base_prefix(self):
     return 'roberta' if self.model_type == 'roberta' else 'bert'
-
-  @property
-  def num_kv_heads(self):
-    return self.num_heads
-
-  @property
-  def head_dim(self):
-    return self.hidden_size // self.num_heads
 
   @classmethod
   def from_hf(cls, hf: dict, **overrides) -> 'BertConfig':

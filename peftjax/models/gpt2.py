@@ -20,7 +20,7 @@ from peftjax.models import layers
 
 
 @dataclasses.dataclass(frozen=True)
-class GPT2Config:
+class GPT2Config(layers.MultiHeadConfig):
   vocab_size: int
   hidden_size: int
   num_layers: int
@@ -52,14 +52,6 @@ class GPT2Config:
   def __post_init__(self):
     if self.intermediate_size is None:
       object.__setattr__(self, 'intermediate_size', 4 * self.hidden_size)
-
-  @property
-  def num_kv_heads(self):
-    return self.num_heads
-
-  @property
-  def head_dim(self):
-    return self.hidden_size // self.num_heads
 
   @classmethod
   def from_hf(cls, hf: dict, **overrides) -> 'GPT2Config':

@@ -53,6 +53,18 @@ class ModelOutput:
 
 # ----------------------------------------------------------------------------- configs
 
+class MultiHeadConfig:
+  """Mixin for configs with plain multi-head attention (one key/value head per query head)."""
+
+  @property
+  def num_kv_heads(self):
+    return self.num_heads
+
+  @property
+  def head_dim(self):
+    return self.hidden_size // self.num_heads
+
+
 def common_fields(hf: dict) -> dict:
   """Config fields every family reads the same way from a Hugging Face config dict."""
   eos = hf.get('eos_token_id')
