@@ -4,6 +4,8 @@
 {'method': 'dora', 'runlocal': True, 'rank': 8}
 >>> peft_defaults('lora')['rank']
 8
+>>> peft_defaults('bitfit')['target'].get() is None
+True
 """
 from __future__ import annotations
 
@@ -41,10 +43,11 @@ def parse_arg(arg: str | None, **defaults) -> dict:
 
 
 def peft_defaults(method: str) -> dict:
-  """A copy of the defaults for ``method``; the error lists the valid names."""
+  """A copy of the defaults for ``method`` plus ``target`` (None: the family's HF PEFT default;
+  typed so that ``--config.peft.target=REGEX`` works); the error lists the valid names."""
   if method not in PEFT_DEFAULTS:
     raise ValueError(f'unknown PEFT method {method!r}; valid names: {", ".join(PEFT_DEFAULTS)}')
-  return dict(PEFT_DEFAULTS[method])
+  return dict(PEFT_DEFAULTS[method], target=ml_collections.FieldReference(None, field_type=str))
 
 
 def distributed_defaults() -> ml_collections.ConfigDict:

@@ -37,7 +37,8 @@ def build_method(peft_config, pretrained) -> methods.PeftMethod:
   """The configured PEFT method (targets default per family); with ``trainable_heads`` the
   classification head joins the trainable set (HF PEFT's ``modules_to_save``: a fresh head must
   be trained)."""
-  kwargs = {k: v for k, v in peft_config.items() if k not in ('method', 'trainable_heads')}
+  kwargs = {k: v for k, v in peft_config.items()
+            if k not in ('method', 'trainable_heads') and v is not None}
   method = methods.get(peft_config.method, model_type=pretrained.config.model_type, **kwargs)
   if peft_config.trainable_heads and peft_config.method != 'full':
     trained = tree.flatten(jax.eval_shape(method.init, jax.random.key(0), pretrained.params))

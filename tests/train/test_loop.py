@@ -191,3 +191,17 @@ def test_runlocal_on_bundled_real_assets(name, tmp_path):
   final = loop.run(c, tmp_path)
   assert np.isfinite(final['loss'])
   assert (tmp_path / 'adapter' / 'adapter_config.json').exists()
+
+
+def test_target_override_turns_bitfit_into_a_linear_probe(tiny):
+  """``--config.peft.target=classifier`` with BitFit: only the head (bias, plus its kernel as a
+  fresh head) is trained; the frozen-encoder linear-probe baseline of the docs."""
+  import jax
+  from peftjax import tree
+  from peftjax.models import auto
+  c = _config(tiny, 'bitfit')
+  c.peft.target = 'classifier'
+  pre = auto.load_pretrained(c.model.source, task='classification', num_labels=2)
+  method = loop.build_method(c.peft, pre)
+  adapter = jax.eval_shape(method.init, jax.random.key(0), pre.params)
+  assert sorted(tree.flatten(adapter)) == ['classifier/bias', 'classifier/kernel']
