@@ -11,6 +11,7 @@ Outputs in ``workdir``: ``checkpoints/``, ``metrics.jsonl``, TensorBoard events 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import re
@@ -97,6 +98,7 @@ def run(config, workdir) -> dict:
                        f"mesh's data x fsdp = {shards} batch shards ({dict(mesh.shape)})")
   base_axes, base_shardings = sharding.model_shardings(pre.module, mesh, rules)
   params = jax.device_put(pre.params, base_shardings)
+  pre = dataclasses.replace(pre, params=None)   # no second host copy of the base model
   optimizer = optim.make_optimizer(
       {**config.optim.to_dict(), 'total_steps': config.train.steps,
        'num_layers': pre.config.num_layers,
@@ -177,7 +179,7 @@ def run(config, workdir) -> dict:
     bar.close()
     writer.close()
   if jax.process_index() == 0:
-    _export(config, workdir, method, jax.device_get(state.adapter), pre)
+    _export(config, workdir, method, jax.device_get(state.adapter), pre, params)
   print(f'final eval: {json.dumps(final)}')
   return final
 
@@ -186,7 +188,7 @@ def _pad_id(tokenizer) -> int:
   return tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
 
 
-def _export(config, workdir, method, adapter, pre):
+def _export(config, workdir, method, adapter, pre, params):
   """LoRA-family and IA3 adapters in HF PEFT format; other methods as a flat safetensors of the
   adapter tree; ``export.merged`` also writes the merged model as a plain HF checkpoint."""
   p = config.peft
@@ -198,6 +200,8 @@ def _export(config, workdir, method, adapter, pre):
     (workdir / 'adapter').mkdir(exist_ok=True)
     safetensors.numpy.save_file({k: np.asarray(v) for k, v in tree.flatten(adapter).items()},
                                 str(workdir / 'adapter' / 'peftjax_adapter.safetensors'))
-  if config.export.merged and method.merge is not None:
-    auto.save_pretrained(workdir / 'merged', pre.config, method.merge(adapter, pre.params),
+  if config.export.merged and method.merge is None:
+    print(f'export.merged: {config.peft.method} adds layers and cannot be merged; skipped')
+  elif config.export.merged:
+    auto.save_pretrained(workdir / 'merged', pre.config, method.merge(adapter, jax.device_get(params)),
                          pre.tokenizer, task=pre.task)

@@ -116,8 +116,15 @@ def _configs_importable(monkeypatch):
 
 @pytest.mark.parametrize('method', ['lora', 'bitfit', 'ia3', 'houlsby'])
 def test_runlocal_trains_evaluates_and_exports(tiny, tmp_path, method):
-  final = loop.run(_config(tiny, method), tmp_path)
+  c = _config(tiny, method)
+  c.export.merged = True
+  final = loop.run(c, tmp_path)
   assert set(final) == {'loss', 'accuracy', 'f1_macro'}
+  if method == 'houlsby':   # bottleneck adapters add layers: nothing to merge into the weights
+    assert not (tmp_path / 'merged').exists()
+  else:
+    merged = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / 'merged')
+    assert merged.config.num_labels == 2
   lines = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
   assert [l['step'] for l in lines if l['split'] == 'train'] == list(range(1, 9))
   assert [l['step'] for l in lines if l['split'] == 'eval'] == [4, 8]
