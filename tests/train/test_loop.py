@@ -82,26 +82,29 @@ def test_sft_runlocal_lowers_the_response_loss(tiny_lm, tmp_path, method):
   assert evals[-1]['loss'] < evals[0]['loss'] and final['perplexity'] > 1.0
 
 
+# The tiny run's overrides, applied in-process (`_config`) and as launch.py flags (`_flags`)
+# from this one table, so the killed and the reference runs cannot drift apart.
+_OVERRIDES = {
+    'data': dict(max_length=8, batch_size=8, eval_batch_size=8, max_train_examples=0,
+                 max_eval_examples=0, validation_fraction=0.25),
+    'train': dict(steps=8, log_every=1, eval_every=4, checkpoint_every=2, keep=10),
+}
+
+
 def _config(tiny, method='lora', **train):
   from configs import sentiment
   c = sentiment.get_config(f'method={method},runlocal')
   c.model.source, c.data.source = str(tiny[0]), str(tiny[1])
-  c.data.update(max_length=8, batch_size=8, eval_batch_size=8, max_train_examples=0,
-                max_eval_examples=0, validation_fraction=0.25)
-  c.train.update(steps=8, log_every=1, eval_every=4, checkpoint_every=2, keep=10)
-  c.train.update(train)
+  c.data.update(_OVERRIDES['data'])
+  c.train.update({**_OVERRIDES['train'], **train})
   return c
 
 
-def _flags(tiny, workdir, **train):
-  flags = [f'--config={ROOT}/configs/sentiment.py:method=lora,runlocal', f'--workdir={workdir}',
-           f'--config.model.source={tiny[0]}', f'--config.data.source={tiny[1]}',
-           '--config.data.max_length=8', '--config.data.batch_size=8',
-           '--config.data.eval_batch_size=8', '--config.data.max_train_examples=0',
-           '--config.data.max_eval_examples=0', '--config.data.validation_fraction=0.25',
-           '--config.train.log_every=1', '--config.train.eval_every=4', '--config.train.keep=10',
-           '--config.train.checkpoint_every=2', '--config.train.steps=8']
-  return flags + [f'--config.train.{k}={v}' for k, v in train.items()]
+def _flags(tiny, workdir):
+  return [f'--config={ROOT}/configs/sentiment.py:method=lora,runlocal', f'--workdir={workdir}',
+          f'--config.model.source={tiny[0]}', f'--config.data.source={tiny[1]}'] + [
+              f'--config.{group}.{k}={v}' for group, kv in _OVERRIDES.items()
+              for k, v in kv.items()]
 
 
 def _adapter(workdir):
