@@ -69,6 +69,7 @@ def parse_args():
   p.add_argument('--threads', type=int, default=len(os.sched_getaffinity(0)),
                  help='torch.set_num_threads (XLA uses every core)')
   p.add_argument('--json', help='also write the results here')
+  p.add_argument('--profile', help='JAX: write a jax.profiler trace of 2 more steps to this directory')
   p.add_argument('--worker', choices=['jax', 'torch', 'peak'], help=argparse.SUPPRESS)
   p.add_argument('--config', help=argparse.SUPPRESS)
   p.add_argument('--batch-file', help=argparse.SUPPRESS)
@@ -231,6 +232,9 @@ def jax_worker(args, ids: np.ndarray) -> dict:
     return float(metrics['loss'])
 
   times, first_loss = time_steps(run_step, args.warmup, args.steps)
+  if args.profile:
+    with jax.profiler.trace(args.profile, create_perfetto_trace=True):
+      run_step(), run_step()
   out = dict(load_s=load_s, compile_s=compile_s, step_times=times, first_loss=first_loss,
              xla_flops=float(cost['flops']), backend=jax.default_backend(),
              xla_loops=args.scan_layers or ids.size > args.loss_chunk,

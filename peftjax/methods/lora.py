@@ -14,6 +14,7 @@ Leaves map to HF PEFT names: ``<path>/lora_A`` <-> ``<path>.lora_A.weight`` (tra
 >>> jax.tree.map(jnp.shape, method.init(jax.random.key(1), params))
 {'q_proj': {'lora_A': (8, 2), 'lora_B': (2, 8)}}
 """
+import functools
 import math
 
 import flax.linen as nn
@@ -31,6 +32,33 @@ def _scale(alpha: float, rank: int, rslora: bool) -> float:
 def _delta(adapter_vars, scale):
   """``s * A @ B`` with stacked leading axes, shape ``(*stack, in, out)``."""
   return scale * jnp.einsum('...ir,...ro->...io', adapter_vars['lora_A'], adapter_vars['lora_B'])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def low_rank(x, a, b, scale: float):
+  """``s * (x A) B`` for x ``(..., in)``, A ``(in, r)``, B ``(r, out)``.
+
+  The custom VJP contracts the token axes directly (``dB = (s x A)^T g``, ``dA = x^T (s g B^T)``):
+  JAX's generic rule emits ``transpose(dot(g, h))``, which XLA:CPU turns into a transposed copy
+  of the full-width gradient ``g`` (measured: about a third of an all-linear LoRA step).
+  """
+  return ((x @ a) * scale) @ b
+
+
+def _low_rank_fwd(x, a, b, scale):
+  h = (x @ a) * scale
+  return h @ b, (x, a, b, h)
+
+
+def _low_rank_bwd(scale, res, g):
+  x, a, b, h = res
+  x2, h2, g2 = x.reshape(-1, x.shape[-1]), h.reshape(-1, h.shape[-1]), g.reshape(-1, g.shape[-1])
+  dh = (g2 @ b.T) * scale
+  return ((dh @ a.T).reshape(x.shape).astype(x.dtype), (x2.T @ dh).astype(a.dtype),
+          (h2.T @ g2).astype(b.dtype))
+
+
+low_rank.defvjp(_low_rank_fwd, _low_rank_bwd)
 
 
 def _column_norm(w):
@@ -73,7 +101,7 @@ def lora(rank: int = 8, alpha: float = 8.0, target: str = targets.ALL_LINEAR,
       h = jnp.where(keep, x / (1.0 - dropout), 0).astype(x.dtype)
     h, a, b = nn.dtypes.promote_dtype(h, adapter_vars['lora_A'], adapter_vars['lora_B'],
                                       dtype=module.dtype)
-    lora_out = scale * ((h @ a) @ b)
+    lora_out = low_rank(h, a, b, scale)
     if 'lora_magnitude_vector' not in adapter_vars:
       return y + lora_out
     w = nn.meta.unbox(module.get_variable('params', 'kernel'))

@@ -129,3 +129,20 @@ def test_lora_plus_gives_b_a_ratio_times_learning_rate():
   updates, _ = tx.update(grads, tx.init(adapter), adapter)
   np.testing.assert_allclose(updates['q_proj']['lora_A'], -0.1)
   np.testing.assert_allclose(updates['q_proj']['lora_B'], -1.6)
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_low_rank_custom_vjp_matches_autodiff(dtype):
+  from peftjax.methods.lora import low_rank
+  kx, ka, kb, kg = jax.random.split(jax.random.key(0), 4)
+  x = jax.random.normal(kx, (2, 5, 6), dtype)
+  a = jax.random.normal(ka, (6, 3), dtype)
+  b = jax.random.normal(kb, (3, 7), dtype)
+  g = jax.random.normal(kg, (2, 5, 7), dtype)
+  plain = lambda x, a, b: jnp.sum((2.5 * ((x @ a) @ b) * g).astype(jnp.float32))
+  custom = lambda x, a, b: jnp.sum((low_rank(x, a, b, 2.5) * g).astype(jnp.float32))
+  tol = 1e-5 if dtype == jnp.float32 else 5e-2
+  np.testing.assert_allclose(custom(x, a, b), plain(x, a, b), rtol=tol)
+  for want, got in zip(jax.grad(plain, (0, 1, 2))(x, a, b), jax.grad(custom, (0, 1, 2))(x, a, b)):
+    assert got.dtype == want.dtype and got.shape == want.shape
+    np.testing.assert_allclose(np.float32(got), np.float32(want), rtol=tol, atol=tol)
