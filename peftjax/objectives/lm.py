@@ -2,18 +2,23 @@
 
 `chunked_lm_loss` takes the final hidden states and the output projection (an `lm_head` kernel
 [D, V], or with `tied=True` the input embedding [V, D]) and walks over token chunks (and vocabulary
-chunks) with `lax.scan`, each chunk under `jax.checkpoint` so the backward pass recomputes its
-logits instead of storing them. Peak extra memory: one [chunk, vocab_chunk] float32 block.
-Cost: the logits matmul runs twice (three times with `vocab_chunk`, whose blocks are also
-recomputed), the usual price of not storing them.
+chunks) with `lax.scan`. It is a fused linear cross-entropy: under differentiation the forward pass
+forms d loss / d hidden (and d loss / d kernel, only when the kernel is differentiated) block by
+block, so no logits are stored and none are recomputed. Peak extra memory: one [chunk,
+vocab_chunk] float32 block plus a hidden-sized gradient. Cost: the forward logits matmul plus one
+matmul per wanted gradient, as for unchunked autodiff (with `vocab_chunk` the logits are formed
+twice: once for the streaming logsumexp, once for the gradient).
 
 >>> hidden = jnp.ones((2, 8, 4)); kernel = jnp.zeros((4, 10))
 >>> labels = jnp.zeros((2, 8), jnp.int32); mask = jnp.ones((2, 8))
 >>> round(float(chunked_lm_loss(hidden, kernel, labels, mask, chunk=4)), 4)  # log(10)
 2.3026
 """
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax import custom_derivatives
 
 
 def next_token_targets(input_ids: jax.Array, loss_mask: jax.Array | None = None
@@ -37,31 +42,120 @@ def _block_logits(h, kernel, tied):
   return jnp.einsum(spec, h, kernel, preferred_element_type=jnp.float32)
 
 
+def _vocab_blocks(kernel, tied, vocab_chunk):
+  """The kernel as [blocks, ...] slices of `vocab_chunk` vocabulary entries (zero-padded)."""
+  axis = 0 if tied else 1
+  vocab = kernel.shape[axis]
+  blocks = -(-vocab // vocab_chunk)
+  kernel = jnp.pad(kernel, [(0, blocks * vocab_chunk - vocab) if a == axis else (0, 0) for a in range(2)])
+  shape = kernel.shape[:axis] + (blocks, vocab_chunk) + kernel.shape[axis + 1:]
+  return jnp.moveaxis(kernel.reshape(shape), axis, 0), vocab
+
+
 def _chunk_logsumexp(h, kernel, tied, vocab_chunk):
   """logsumexp over the vocabulary of h @ kernel, streaming over vocabulary blocks."""
-  vocab = kernel.shape[0] if tied else kernel.shape[1]
-  if vocab_chunk is None or vocab_chunk >= vocab:
-    return jax.nn.logsumexp(_block_logits(h, kernel, tied), axis=-1)
-  blocks = -(-vocab // vocab_chunk)
-  pad = blocks * vocab_chunk - vocab
-  axis = 0 if tied else 1
-  kernel = jnp.pad(kernel, [(0, pad) if a == axis else (0, 0) for a in range(2)])
-  kernel = jnp.moveaxis(kernel.reshape(kernel.shape[:axis] + (blocks, vocab_chunk) + kernel.shape[axis + 1:]),
-                        axis, 0)
-  valid = (jnp.arange(blocks * vocab_chunk) < vocab).reshape(blocks, vocab_chunk)
+  blocks, vocab = _vocab_blocks(kernel, tied, vocab_chunk)
+  offsets = jnp.arange(blocks.shape[0]) * vocab_chunk
 
-  @jax.checkpoint
   def body(carry, xs):
     running_max, running_sum = carry
-    block, ok = xs
-    logits = jnp.where(ok, _block_logits(h, block, tied), -jnp.inf)
-    new_max = jnp.maximum(running_max, jax.lax.stop_gradient(logits.max(-1)))
+    block, offset = xs
+    ids = offset + jnp.arange(vocab_chunk)
+    logits = jnp.where(ids < vocab, _block_logits(h, block, tied), -jnp.inf)
+    new_max = jnp.maximum(running_max, logits.max(-1))
     running_sum = running_sum * jnp.exp(running_max - new_max) + jnp.exp(logits - new_max[:, None]).sum(-1)
     return (new_max, running_sum), None
 
   init = (jnp.full(h.shape[:1], -jnp.inf, jnp.float32), jnp.zeros(h.shape[:1], jnp.float32))
-  (running_max, running_sum), _ = jax.lax.scan(body, init, (kernel, valid))
+  (running_max, running_sum), _ = jax.lax.scan(body, init, (blocks, offsets))
   return running_max + jnp.log(running_sum)
+
+
+def _logit_grads(dlogits, h, kernel, tied, need_kernel):
+  """(d h, d kernel or None) from d logits [n, v] of one block."""
+  dh = jnp.einsum('nv,vd->nd' if tied else 'nv,dv->nd', dlogits.astype(kernel.dtype), kernel,
+                  preferred_element_type=jnp.float32)
+  if not need_kernel:
+    return dh, None
+  dk = jnp.einsum('nv,nd->vd' if tied else 'nv,nd->dv', dlogits.astype(h.dtype), h,
+                  preferred_element_type=jnp.float32)
+  return dh, dk
+
+
+def _chunk_nll_and_grads(h, kernel, y, w, tied, vocab_chunk, grads, need_kernel):
+  """Summed weighted NLL of one token chunk and, with `grads`, its gradient w.r.t. h and
+  (with `need_kernel`) the kernel, else None.
+
+  d nll / d logits = softmax - onehot(y), computed where the logits are: the [n, V] block never
+  has to be stored for (or recomputed in) the backward pass.
+  """
+  keep = w > 0
+  dh = dk = None
+  if vocab_chunk is None:
+    logits = _block_logits(h, kernel, tied)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    target = jnp.take_along_axis(logits, y[:, None], axis=-1)[:, 0]
+    if grads:
+      ids = jnp.arange(logits.shape[-1])
+      dlogits = jnp.where(keep[:, None], (jnp.exp(logits - lse[:, None]) - (ids == y[:, None])) * w[:, None],
+                          0.0)
+      dh, dk = _logit_grads(dlogits, h, kernel, tied, need_kernel)
+  else:
+    lse = _chunk_logsumexp(h, kernel, tied, vocab_chunk)
+    rows = jnp.take(kernel, y, axis=0) if tied else jnp.take(kernel, y, axis=1).T
+    target = jnp.einsum('nd,nd->n', h, rows, preferred_element_type=jnp.float32)
+
+  if vocab_chunk is not None and grads:
+    blocks, vocab = _vocab_blocks(kernel, tied, vocab_chunk)
+    offsets = jnp.arange(blocks.shape[0]) * vocab_chunk
+
+    def body(dh, xs):
+      block, offset = xs
+      ids = offset + jnp.arange(vocab_chunk)
+      p = jnp.exp(_block_logits(h, block, tied) - lse[:, None])
+      dlogits = jnp.where(keep[:, None] & (ids < vocab), (p - (ids == y[:, None])) * w[:, None], 0.0)
+      dh_block, dk_block = _logit_grads(dlogits, h, block, tied, need_kernel)
+      return dh + dh_block, dk_block
+
+    dh, dk = jax.lax.scan(body, jnp.zeros(h.shape, jnp.float32), (blocks, offsets))
+    if need_kernel:  # [blocks, vocab_chunk, D] (tied) or [blocks, D, vocab_chunk] -> the kernel's shape
+      dk = dk.reshape(-1, dk.shape[-1])[:vocab] if tied else jnp.moveaxis(dk, 0, 1).reshape(dk.shape[1], -1)[:, :vocab]
+  nll = jnp.sum(jnp.where(keep, (lse - target) * w, 0.0))
+  return nll, dh, dk
+
+
+def _nll_scan(h, kernel, labels, weights, tied, vocab_chunk, grads=False, need_kernel=False):
+  """Scan `_chunk_nll_and_grads` over token chunks h [chunks, chunk, D]."""
+  def body(carry, xs):
+    total, dk_total = carry
+    nll, dh, dk = _chunk_nll_and_grads(xs[0], kernel, *xs[1:], tied, vocab_chunk, grads, need_kernel)
+    return (total + nll, dk_total if dk is None else dk_total + dk), dh
+
+  dk0 = jnp.zeros(kernel.shape, jnp.float32) if need_kernel else None
+  (total, dk), dh = jax.lax.scan(body, (jnp.zeros([], jnp.float32), dk0), (h, labels, weights))
+  return total, dh, dk
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _nll_sum(h, kernel, labels, weights, tied, vocab_chunk):
+  return _nll_scan(h, kernel, labels, weights, tied, vocab_chunk)[0]
+
+
+def _nll_sum_fwd(h, kernel, labels, weights, tied, vocab_chunk):
+  # symbolic_zeros: `perturbed` says whether a gradient w.r.t. the kernel is wanted at all (a
+  # frozen, stop_gradient-ed output embedding under PEFT needs none: no [V, D] matmul then).
+  total, dh, dk = _nll_scan(h.value, kernel.value, labels.value, weights.value, tied, vocab_chunk,
+                            grads=True, need_kernel=kernel.perturbed)
+  return total, (dh.astype(h.value.dtype), None if dk is None else dk.astype(kernel.value.dtype))
+
+
+def _nll_sum_bwd(tied, vocab_chunk, res, g):
+  if isinstance(g, custom_derivatives.SymbolicZero):
+    return None, None, None, None
+  return tuple(None if d is None else (d * g).astype(d.dtype) for d in res) + (None, None)
+
+
+_nll_sum.defvjp(_nll_sum_fwd, _nll_sum_bwd, symbolic_zeros=True)
 
 
 def chunked_nll(hidden: jax.Array, kernel: jax.Array, labels: jax.Array, mask: jax.Array | None = None,
@@ -71,6 +165,7 @@ def chunked_nll(hidden: jax.Array, kernel: jax.Array, labels: jax.Array, mask: j
 
   hidden [B, T, D]; kernel [D, V] (or [V, D] with `tied`); labels [B, T] int, the target of each
   position (negative labels are ignored); mask [B, T] (response-only loss mask), default all ones.
+  Differentiable w.r.t. hidden and kernel (fused: the gradient is formed in the forward pass).
   """
   d = hidden.shape[-1]
   h = hidden.reshape(-1, d)
@@ -84,16 +179,9 @@ def chunked_nll(hidden: jax.Array, kernel: jax.Array, labels: jax.Array, mask: j
   h = jnp.pad(h, ((0, pad), (0, 0))).reshape(-1, chunk, d)
   labels = jnp.pad(labels, (0, pad)).reshape(-1, chunk)
   weights = jnp.pad(weights, (0, pad)).reshape(-1, chunk)
-
-  @jax.checkpoint
-  def body(total, xs):
-    h_c, y_c, w_c = xs
-    target = jnp.take(kernel, y_c, axis=0) if tied else jnp.take(kernel, y_c, axis=1).T
-    target_logit = jnp.einsum('nd,nd->n', h_c, target, preferred_element_type=jnp.float32)
-    nll = _chunk_logsumexp(h_c, kernel, tied, vocab_chunk) - target_logit
-    return total + jnp.sum(jnp.where(w_c > 0, nll * w_c, 0.0)), None
-
-  total, _ = jax.lax.scan(body, jnp.zeros([], jnp.float32), (h, labels, weights))
+  vocab = kernel.shape[0] if tied else kernel.shape[1]
+  vocab_chunk = None if vocab_chunk is None or vocab_chunk >= vocab else vocab_chunk
+  total = _nll_sum(h, kernel, labels, weights, tied, vocab_chunk)
   return total, weights.sum()
 
 
