@@ -4,7 +4,8 @@ For a targeted Dense with kernel ``W (in, out)`` the adapter holds ``lora_A (in,
 uniform with a=sqrt(5), as HF PEFT) and ``lora_B (r, out)`` (zeros); the layer computes the
 factored form ``x W + s * (dropout(x) A) B`` with ``s = alpha / r`` (rsLoRA: ``alpha / sqrt(r)``),
 never ``W + s A B``. DoRA adds ``lora_magnitude_vector (out,)`` = column norms of ``W`` and
-rescales each output feature by ``m / ||W + s A B||`` (norm detached, as HF PEFT / the paper).
+rescales each output feature by ``m / ||W + s A B||`` (norm detached, as HF PEFT / the paper);
+with dropout the base output it rescales is ``dropout(x) W``, as HF PEFT.
 Leaves map to HF PEFT names: ``<path>/lora_A`` <-> ``<path>.lora_A.weight`` (transposed).
 
 >>> import jax, jax.numpy as jnp, flax.linen as nn
@@ -96,7 +97,8 @@ def lora(rank: int = 8, alpha: float = 8.0, target: str = targets.ALL_LINEAR,
   def hook(adapter_vars, module, call, x, train):
     y = call(x)
     h = x
-    if train and dropout > 0.0:
+    dropped = train and dropout > 0.0
+    if dropped:
       keep = jax.random.bernoulli(module.make_rng('dropout'), 1.0 - dropout, x.shape)
       h = jnp.where(keep, x / (1.0 - dropout), 0).astype(x.dtype)
     h, a, b = nn.dtypes.promote_dtype(h, adapter_vars['lora_A'], adapter_vars['lora_B'],
@@ -107,10 +109,13 @@ def lora(rank: int = 8, alpha: float = 8.0, target: str = targets.ALL_LINEAR,
     w = nn.meta.unbox(module.get_variable('params', 'kernel'))
     norm = jax.lax.stop_gradient(_column_norm(w + _delta(adapter_vars, scale)))
     mag = (adapter_vars['lora_magnitude_vector'] / norm).astype(y.dtype)
-    base_out = y
-    if module.use_bias:
+    if dropped:  # rescale the dropped input's base output, as HF PEFT (an extra matmul)
+      base_out = h @ w.astype(h.dtype)
+    elif module.use_bias:
       base_out = y - nn.meta.unbox(module.get_variable('params', 'bias')).astype(y.dtype)
-    return y + (mag - 1) * base_out + mag * lora_out
+    else:
+      base_out = y
+    return y + (mag - 1) * base_out.astype(y.dtype) + mag * lora_out
 
   def merge(adapter, params):
     flat = tree.flatten(params)

@@ -111,3 +111,34 @@ def test_outputs_and_init_match_hf_peft(name):
   got = method.apply(FlaxNet().apply)(_hf_adapter_as_flax(peft_model), params, x)
   np.testing.assert_allclose(got, expected, atol=1e-5)
   assert np.abs(got - FlaxNet().apply({'params': params}, x)).max() > 1e-2  # adapter acts
+
+
+def test_dora_with_dropout_matches_hf_peft_given_the_same_masks(monkeypatch):
+  """In training with dropout HF PEFT rescales ``dropout(x) W`` (not ``x W``); same masks both sides."""
+  p = 0.3
+  rng = np.random.default_rng(1)
+  masks = {}
+  mask_for = lambda shape: masks.setdefault(tuple(shape), rng.random(shape) > p)
+
+  class FixedDropout(torch.nn.Module):
+    def forward(self, t):
+      return t * torch.from_numpy(mask_for(t.shape).astype(np.float32)) / (1 - p)
+
+  torch.manual_seed(0)
+  torch_model = TorchNet()
+  params = _flax_params(torch_model)
+  peft_model = peft.get_peft_model(torch_model, _lora_config(use_dora=True, lora_dropout=p))
+  _perturb_torch(peft_model)
+  for name in TARGETS:
+    getattr(peft_model.base_model.model, name).lora_dropout['default'] = FixedDropout()
+  x = rng.normal(size=(3, 5, D_IN)).astype(np.float32)
+  peft_model.train()
+  with torch.no_grad():
+    expected = _to_numpy(peft_model(torch.from_numpy(x)))
+  monkeypatch.setattr(jax.random, 'bernoulli', lambda key, keep, shape: jax.numpy.asarray(mask_for(shape)))
+  method = methods.get('dora', rank=4, alpha=8, target='|'.join(TARGETS), dropout=p)
+  adapter = _hf_adapter_as_flax(peft_model)
+  got = method.apply(FlaxNet().apply)(adapter, params, x, rngs={'dropout': jax.random.key(0)})
+  np.testing.assert_allclose(got, expected, atol=1e-5)
+  evaluated = method.apply(FlaxNet().apply)(adapter, params, x)
+  assert np.abs(got - evaluated).max() > 1e-2  # the masks act
