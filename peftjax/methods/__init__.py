@@ -21,7 +21,7 @@ METHODS = {
     'rslora': functools.partial(lora, rslora=True),
     'dora': functools.partial(lora, dora=True),
     'ia3': ia3,
-    'houlsby': bottleneck_adapter,
+    'houlsby': functools.partial(bottleneck_adapter, train_norms=True),
     'pfeiffer': bottleneck_adapter,
 }
 # Method name -> (constructor kwarg, targets table key) filled from ``model_type`` when omitted.

@@ -3,9 +3,10 @@
 A targeted Dense output ``y (.., out)`` becomes ``y + up(act(down(y)))`` (before the residual
 add); ``down (out, m)`` ~ truncated normal with std 1e-2 as in the paper, ``up (m, out)`` zeros
 so the layer is exactly the identity at init. Houlsby adapts the attention output and the FFN
-output projections, Pfeiffer only the FFN output: the two differ only in their targets
-(``targets.default_target('houlsby' | 'pfeiffer', model_type)``).
-Not mergeable (``merge`` is None).
+output projections, Pfeiffer only the FFN output (``targets.default_target('houlsby' |
+'pfeiffer', model_type)``). Houlsby also trains the layer-normalisation parameters (paper §2.1):
+``train_norms`` copies every norm module's params (kernel-less modules with a ``scale``: LayerNorm,
+RMSNorm) into the adapter, where they replace the base ones. Not mergeable (``merge`` is None).
 
 >>> import jax, jax.numpy as jnp
 >>> params = {'o_proj': {'kernel': jnp.ones((4, 6))}}
@@ -27,9 +28,17 @@ from peftjax.methods import base, targets
 _LEAVES = ('adapter_down', 'adapter_down_bias', 'adapter_up', 'adapter_up_bias')
 
 
-def bottleneck_adapter(target: str, bottleneck: int = 64,
-                       activation: Callable = nn.relu) -> base.PeftMethod:
-  """Residual bottleneck after each Dense whose module path matches ``target``."""
+def _norm_params(params) -> dict:
+  """Flat copies of the params of norm modules: kernel-less modules holding a ``scale``."""
+  flat = tree.flatten(nn.meta.unbox(params))
+  norms = {p[:-len('/scale')] for p in flat if p.endswith('/scale') and p[:-len('scale')] + 'kernel' not in flat}
+  return {p: jnp.copy(v) for p, v in flat.items() if p.rpartition('/')[0] in norms}
+
+
+def bottleneck_adapter(target: str, bottleneck: int = 64, activation: Callable = nn.relu,
+                       train_norms: bool = False) -> base.PeftMethod:
+  """Residual bottleneck after each Dense whose module path matches ``target``; with
+  ``train_norms`` the norm layers' params are trained too (``methods.get('houlsby')``)."""
   if not isinstance(bottleneck, int) or bottleneck <= 0:
     raise ValueError(f'adapter bottleneck must be a positive int, got {bottleneck!r}')
 
@@ -42,6 +51,8 @@ def bottleneck_adapter(target: str, bottleneck: int = 64,
                       f'{path}/adapter_down_bias': jnp.zeros((*stack, bottleneck)),
                       f'{path}/adapter_up': jnp.zeros((*stack, bottleneck, d_out)),
                       f'{path}/adapter_up_bias': jnp.zeros((*stack, d_out))})
+    if train_norms:
+      adapter.update(_norm_params(params))
     return tree.unflatten(adapter)
 
   def hook(adapter_vars, module, call, x, train):

@@ -210,3 +210,19 @@ def test_scan_without_adapter_collection_raises_instead_of_ignoring_adapter():
   method = methods.lora(rank=2, target='.*q_proj')
   with pytest.raises(ValueError, match=r"\['layers/q_proj'\].*variable_axes"):
     method.apply(Stack().apply)(method.init(jax.random.key(1), params), params, x)
+
+
+@pytest.mark.parametrize('scan', [False, True], ids=['unscanned', 'scanned'])
+def test_houlsby_trains_the_layer_norms_pfeiffer_does_not(scan):
+  model, x, params, method, adapter = _setup('houlsby', scan)
+  norms = {p: v for p, v in tree.flatten(adapter).items() if 'layernorm' in p}
+  want = {p for p in tree.flatten(params) if 'layernorm' in p}  # scale and bias of 2 LNs per layer
+  assert set(norms) == want and len(want) == (4 if scan else 4 * LAYERS)
+  grads = jax.grad(lambda a: jnp.mean(method.apply(model.apply)(a, params, x) ** 2))(
+      _perturb(adapter))
+  assert all(np.abs(tree.flatten(grads)[p]).max() > 0 for p in norms)
+  tuned = {**tree.flatten(adapter), **{p: v + 0.5 for p, v in norms.items()}}
+  base = method.apply(model.apply)(adapter, params, x)
+  assert np.abs(method.apply(model.apply)(tree.unflatten(tuned), params, x) - base).max() > 1e-2
+  pfeiffer = _setup('pfeiffer', scan)[-1]
+  assert not any('layernorm' in p for p in tree.flatten(pfeiffer))
