@@ -71,25 +71,27 @@ def _chunk_logsumexp(h, kernel, tied, vocab_chunk):
   return running_max + jnp.log(running_sum)
 
 
-def _logit_grads(dlogits, h, kernel, tied, need_kernel):
-  """(d h, d kernel or None) from d logits [n, v] of one block."""
-  dh = jnp.einsum('nv,vd->nd' if tied else 'nv,dv->nd', dlogits.astype(kernel.dtype), kernel,
-                  preferred_element_type=jnp.float32)
-  if not need_kernel:
-    return dh, None
-  dk = jnp.einsum('nv,nd->vd' if tied else 'nv,nd->dv', dlogits.astype(h.dtype), h,
-                  preferred_element_type=jnp.float32)
+def _logit_grads(dlogits, h, kernel, tied, need_h, need_kernel):
+  """(d h, d kernel), each None unless needed, from d logits [n, v] of one block."""
+  dh = dk = None
+  if need_h:
+    dh = jnp.einsum('nv,vd->nd' if tied else 'nv,dv->nd', dlogits.astype(kernel.dtype), kernel,
+                    preferred_element_type=jnp.float32)
+  if need_kernel:
+    dk = jnp.einsum('nv,nd->vd' if tied else 'nv,nd->dv', dlogits.astype(h.dtype), h,
+                    preferred_element_type=jnp.float32)
   return dh, dk
 
 
-def _chunk_nll_and_grads(h, kernel, y, w, tied, vocab_chunk, grads, need_kernel):
-  """Summed weighted NLL of one token chunk and, with `grads`, its gradient w.r.t. h and
-  (with `need_kernel`) the kernel, else None.
+def _chunk_nll_and_grads(h, kernel, y, w, tied, vocab_chunk, need_h, need_kernel):
+  """Summed weighted NLL of one token chunk and its gradients w.r.t. h (with `need_h`) and the
+  kernel (with `need_kernel`), else None.
 
   d nll / d logits = softmax - onehot(y), computed where the logits are: the [n, V] block never
   has to be stored for (or recomputed in) the backward pass.
   """
   keep = w > 0
+  grads = need_h or need_kernel
   dh = dk = None
   if vocab_chunk is None:
     logits = _block_logits(h, kernel, tied)
@@ -99,7 +101,7 @@ def _chunk_nll_and_grads(h, kernel, y, w, tied, vocab_chunk, grads, need_kernel)
       ids = jnp.arange(logits.shape[-1])
       dlogits = jnp.where(keep[:, None], (jnp.exp(logits - lse[:, None]) - (ids == y[:, None])) * w[:, None],
                           0.0)
-      dh, dk = _logit_grads(dlogits, h, kernel, tied, need_kernel)
+      dh, dk = _logit_grads(dlogits, h, kernel, tied, need_h, need_kernel)
   else:
     lse = _chunk_logsumexp(h, kernel, tied, vocab_chunk)
     rows = jnp.take(kernel, y, axis=0) if tied else jnp.take(kernel, y, axis=1).T
@@ -114,21 +116,22 @@ def _chunk_nll_and_grads(h, kernel, y, w, tied, vocab_chunk, grads, need_kernel)
       ids = offset + jnp.arange(vocab_chunk)
       p = jnp.exp(_block_logits(h, block, tied) - lse[:, None])
       dlogits = jnp.where(keep[:, None] & (ids < vocab), (p - (ids == y[:, None])) * w[:, None], 0.0)
-      dh_block, dk_block = _logit_grads(dlogits, h, block, tied, need_kernel)
-      return dh + dh_block, dk_block
+      dh_block, dk_block = _logit_grads(dlogits, h, block, tied, need_h, need_kernel)
+      return None if dh is None else dh + dh_block, dk_block
 
-    dh, dk = jax.lax.scan(body, jnp.zeros(h.shape, jnp.float32), (blocks, offsets))
+    dh0 = jnp.zeros(h.shape, jnp.float32) if need_h else None
+    dh, dk = jax.lax.scan(body, dh0, (blocks, offsets))
     if need_kernel:  # [blocks, vocab_chunk, D] (tied) or [blocks, D, vocab_chunk] -> the kernel's shape
       dk = dk.reshape(-1, dk.shape[-1])[:vocab] if tied else jnp.moveaxis(dk, 0, 1).reshape(dk.shape[1], -1)[:, :vocab]
   nll = jnp.sum(jnp.where(keep, (lse - target) * w, 0.0))
   return nll, dh, dk
 
 
-def _nll_scan(h, kernel, labels, weights, tied, vocab_chunk, grads=False, need_kernel=False):
+def _nll_scan(h, kernel, labels, weights, tied, vocab_chunk, need_h=False, need_kernel=False):
   """Scan `_chunk_nll_and_grads` over token chunks h [chunks, chunk, D]."""
   def body(carry, xs):
     total, dk_total = carry
-    nll, dh, dk = _chunk_nll_and_grads(xs[0], kernel, *xs[1:], tied, vocab_chunk, grads, need_kernel)
+    nll, dh, dk = _chunk_nll_and_grads(xs[0], kernel, *xs[1:], tied, vocab_chunk, need_h, need_kernel)
     return (total + nll, dk_total if dk is None else dk_total + dk), dh
 
   dk0 = jnp.zeros(kernel.shape, jnp.float32) if need_kernel else None
@@ -142,11 +145,12 @@ def _nll_sum(h, kernel, labels, weights, tied, vocab_chunk):
 
 
 def _nll_sum_fwd(h, kernel, labels, weights, tied, vocab_chunk):
-  # symbolic_zeros: `perturbed` says whether a gradient w.r.t. the kernel is wanted at all (a
-  # frozen, stop_gradient-ed output embedding under PEFT needs none: no [V, D] matmul then).
+  # symbolic_zeros: `perturbed` says whether a gradient is wanted at all (a frozen,
+  # stop_gradient-ed output embedding under PEFT needs none: no [V, D] matmul then).
   total, dh, dk = _nll_scan(h.value, kernel.value, labels.value, weights.value, tied, vocab_chunk,
-                            grads=True, need_kernel=kernel.perturbed)
-  return total, (dh.astype(h.value.dtype), None if dk is None else dk.astype(kernel.value.dtype))
+                            need_h=h.perturbed, need_kernel=kernel.perturbed)
+  return total, (None if dh is None else dh.astype(h.value.dtype),
+                 None if dk is None else dk.astype(kernel.value.dtype))
 
 
 def _nll_sum_bwd(tied, vocab_chunk, res, g):
@@ -165,7 +169,7 @@ def chunked_nll(hidden: jax.Array, kernel: jax.Array, labels: jax.Array, mask: j
 
   hidden [B, T, D]; kernel [D, V] (or [V, D] with `tied`); labels [B, T] int, the target of each
   position (negative labels are ignored); mask [B, T] (response-only loss mask), default all ones.
-  Differentiable w.r.t. hidden and kernel (fused: the gradient is formed in the forward pass).
+  Differentiable w.r.t. hidden and kernel (fused: each wanted gradient is formed in the forward pass).
   """
   d = hidden.shape[-1]
   h = hidden.reshape(-1, d)

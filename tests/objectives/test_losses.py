@@ -28,6 +28,8 @@ def test_chunked_loss_and_grad_match_naive(tied, chunk, vocab_chunk):
   np.testing.assert_allclose(value, ref_value, atol=1e-5, rtol=1e-5)
   for got, want in zip(grads, ref_grads):
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(jax.grad(f, 1)(hidden, kernel), ref_grads[1], atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(jax.grad(f)(hidden, kernel), ref_grads[0], atol=1e-5, rtol=1e-5)
 
 
 def test_ignored_labels_and_empty_mask():
@@ -74,10 +76,11 @@ def test_classification_metrics_match_sklearn_definitions():
     classification.f1_score(cm, 'micro')
 
 
-@pytest.mark.parametrize('vocab_chunk,want', [(None, (1, 2, 3)), (64, (1, 3, 4))])
+@pytest.mark.parametrize('vocab_chunk,want', [(None, (1, 2, 3, 2)), (64, (1, 3, 4, 3))])
 def test_fused_loss_does_one_matmul_per_wanted_gradient(vocab_chunk, want):
-  """Loss: 1 logits matmul; + d hidden: 2 (no recomputation); + d kernel: 3. With `vocab_chunk`
-  a streaming-logsumexp pass comes first, then one pass forms the logits and the gradients."""
+  """Loss: 1 logits matmul; + d hidden: 2 (no recomputation); + d kernel: 3; d kernel alone
+  (a probe on frozen features): 2. With `vocab_chunk` a streaming-logsumexp pass comes first,
+  then one pass forms the logits and the gradients."""
   N, D, V = 64, 32, 256
   hidden, kernel = jnp.ones((1, N, D)), jnp.ones((D, V))
   labels, mask = jnp.zeros((1, N), jnp.int32), jnp.ones((1, N))
@@ -90,5 +93,5 @@ def test_fused_loss_does_one_matmul_per_wanted_gradient(vocab_chunk, want):
     cost = cost[0] if isinstance(cost, list) else cost
     return cost['flops'] / (2 * N * D * (vocab_chunk or V))  # XLA counts a scan body once
 
-  got = (matmuls(loss), matmuls(frozen, 0), matmuls(loss, 0, 1))
+  got = (matmuls(loss), matmuls(frozen, 0), matmuls(loss, 0, 1), matmuls(loss, 1))
   assert got == pytest.approx(want, abs=0.3)
