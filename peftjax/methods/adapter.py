@@ -31,7 +31,8 @@ _LEAVES = ('adapter_down', 'adapter_down_bias', 'adapter_up', 'adapter_up_bias')
 def _norm_params(params) -> dict:
   """Flat copies of the params of norm modules: kernel-less modules holding a ``scale``."""
   flat = tree.flatten(nn.meta.unbox(params))
-  norms = {p[:-len('/scale')] for p in flat if p.endswith('/scale') and p[:-len('scale')] + 'kernel' not in flat}
+  norms = {p[:-len('/scale')] for p in flat
+           if p.endswith('/scale') and p[:-len('scale')] + 'kernel' not in flat}
   return {p: jnp.copy(v) for p, v in flat.items() if p.rpartition('/')[0] in norms}
 
 

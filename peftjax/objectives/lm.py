@@ -43,19 +43,26 @@ def _block_logits(h, kernel, tied):
 
 
 def _vocab_blocks(kernel, tied, vocab_chunk):
-  """The kernel as [blocks, ...] slices of `vocab_chunk` vocabulary entries (zero-padded)."""
+  """(the kernel as [blocks, ...] slices of `vocab_chunk` vocabulary entries, zero-padded; the
+  first vocabulary id of each block)."""
   axis = 0 if tied else 1
   vocab = kernel.shape[axis]
-  blocks = -(-vocab // vocab_chunk)
-  kernel = jnp.pad(kernel, [(0, blocks * vocab_chunk - vocab) if a == axis else (0, 0) for a in range(2)])
-  shape = kernel.shape[:axis] + (blocks, vocab_chunk) + kernel.shape[axis + 1:]
-  return jnp.moveaxis(kernel.reshape(shape), axis, 0), vocab
+  n = -(-vocab // vocab_chunk)
+  kernel = jnp.pad(kernel, [(0, n * vocab_chunk - vocab) if a == axis else (0, 0) for a in range(2)])
+  shape = kernel.shape[:axis] + (n, vocab_chunk) + kernel.shape[axis + 1:]
+  return jnp.moveaxis(kernel.reshape(shape), axis, 0), jnp.arange(n) * vocab_chunk
 
 
-def _chunk_logsumexp(h, kernel, tied, vocab_chunk):
-  """logsumexp over the vocabulary of h @ kernel, streaming over vocabulary blocks."""
-  blocks, vocab = _vocab_blocks(kernel, tied, vocab_chunk)
-  offsets = jnp.arange(blocks.shape[0]) * vocab_chunk
+def _unblock(blocked, tied, vocab):
+  """Inverse of `_vocab_blocks` (for a gradient of the blocks)."""
+  if tied:  # [blocks, vocab_chunk, D]
+    return blocked.reshape(-1, blocked.shape[-1])[:vocab]
+  return jnp.moveaxis(blocked, 0, 1).reshape(blocked.shape[1], -1)[:, :vocab]  # [blocks, D, chunk]
+
+
+def _chunk_logsumexp(h, blocks, offsets, vocab, tied):
+  """logsumexp over the vocabulary of h @ kernel, streaming over its vocabulary blocks."""
+  vocab_chunk = blocks.shape[1] if tied else blocks.shape[2]
 
   def body(carry, xs):
     running_max, running_sum = carry
@@ -83,59 +90,73 @@ def _logit_grads(dlogits, h, kernel, tied, need_h, need_kernel):
   return dh, dk
 
 
-def _chunk_nll_and_grads(h, kernel, y, w, tied, vocab_chunk, need_h, need_kernel):
+def _dlogits(logits, lse, ids, y, w):
+  """d nll / d logits = (softmax - onehot(y)) * w, zero on rows with w = 0."""
+  return jnp.where((w > 0)[:, None], (jnp.exp(logits - lse[:, None]) - (ids == y[:, None])) * w[:, None], 0.0)
+
+
+def _weighted_nll(lse, target, w):
+  return jnp.sum(jnp.where(w > 0, (lse - target) * w, 0.0))
+
+
+def _chunk_nll_and_grads(h, kernel, y, w, tied, need_h, need_kernel):
   """Summed weighted NLL of one token chunk and its gradients w.r.t. h (with `need_h`) and the
-  kernel (with `need_kernel`), else None.
-
-  d nll / d logits = softmax - onehot(y), computed where the logits are: the [n, V] block never
-  has to be stored for (or recomputed in) the backward pass.
-  """
-  keep = w > 0
-  grads = need_h or need_kernel
+  kernel (with `need_kernel`), else None: formed where the logits are, so the [n, V] block never
+  has to be stored for (or recomputed in) the backward pass."""
+  logits = _block_logits(h, kernel, tied)
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  target = jnp.take_along_axis(logits, y[:, None], axis=-1)[:, 0]
   dh = dk = None
-  if vocab_chunk is None:
-    logits = _block_logits(h, kernel, tied)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    target = jnp.take_along_axis(logits, y[:, None], axis=-1)[:, 0]
-    if grads:
-      ids = jnp.arange(logits.shape[-1])
-      dlogits = jnp.where(keep[:, None], (jnp.exp(logits - lse[:, None]) - (ids == y[:, None])) * w[:, None],
-                          0.0)
-      dh, dk = _logit_grads(dlogits, h, kernel, tied, need_h, need_kernel)
-  else:
-    lse = _chunk_logsumexp(h, kernel, tied, vocab_chunk)
-    rows = jnp.take(kernel, y, axis=0) if tied else jnp.take(kernel, y, axis=1).T
-    target = jnp.einsum('nd,nd->n', h, rows, preferred_element_type=jnp.float32)
+  if need_h or need_kernel:
+    dlogits = _dlogits(logits, lse, jnp.arange(logits.shape[-1]), y, w)
+    dh, dk = _logit_grads(dlogits, h, kernel, tied, need_h, need_kernel)
+  return _weighted_nll(lse, target, w), dh, dk
 
-  if vocab_chunk is not None and grads:
-    blocks, vocab = _vocab_blocks(kernel, tied, vocab_chunk)
-    offsets = jnp.arange(blocks.shape[0]) * vocab_chunk
+
+def _blocked_chunk_nll_and_grads(h, kernel, blocked, y, w, tied, need_h, need_kernel):
+  """`_chunk_nll_and_grads` over vocabulary blocks: a streaming logsumexp, then (for gradients)
+  a second pass over the blocks; d kernel comes back blocked, as `blocked`."""
+  blocks, offsets = blocked
+  vocab = kernel.shape[0] if tied else kernel.shape[1]
+  lse = _chunk_logsumexp(h, blocks, offsets, vocab, tied)
+  rows = jnp.take(kernel, y, axis=0) if tied else jnp.take(kernel, y, axis=1).T
+  target = jnp.einsum('nd,nd->n', h, rows, preferred_element_type=jnp.float32)
+  dh = dk = None
+  if need_h or need_kernel:
+    vocab_chunk = blocks.shape[1] if tied else blocks.shape[2]
 
     def body(dh, xs):
       block, offset = xs
       ids = offset + jnp.arange(vocab_chunk)
-      p = jnp.exp(_block_logits(h, block, tied) - lse[:, None])
-      dlogits = jnp.where(keep[:, None] & (ids < vocab), (p - (ids == y[:, None])) * w[:, None], 0.0)
+      dlogits = jnp.where(ids < vocab, _dlogits(_block_logits(h, block, tied), lse, ids, y, w), 0.0)
       dh_block, dk_block = _logit_grads(dlogits, h, block, tied, need_h, need_kernel)
       return None if dh is None else dh + dh_block, dk_block
 
     dh0 = jnp.zeros(h.shape, jnp.float32) if need_h else None
     dh, dk = jax.lax.scan(body, dh0, (blocks, offsets))
-    if need_kernel:  # [blocks, vocab_chunk, D] (tied) or [blocks, D, vocab_chunk] -> the kernel's shape
-      dk = dk.reshape(-1, dk.shape[-1])[:vocab] if tied else jnp.moveaxis(dk, 0, 1).reshape(dk.shape[1], -1)[:, :vocab]
-  nll = jnp.sum(jnp.where(keep, (lse - target) * w, 0.0))
-  return nll, dh, dk
+  return _weighted_nll(lse, target, w), dh, dk
 
 
 def _nll_scan(h, kernel, labels, weights, tied, vocab_chunk, need_h=False, need_kernel=False):
-  """Scan `_chunk_nll_and_grads` over token chunks h [chunks, chunk, D]."""
+  """Scan the per-chunk NLL (and gradients) over token chunks h [chunks, chunk, D]; the
+  vocabulary blocks are built once, outside the loop."""
+  if vocab_chunk is None:
+    chunk_fn, dk_like = functools.partial(_chunk_nll_and_grads, kernel=kernel), kernel
+  else:
+    blocked = _vocab_blocks(kernel, tied, vocab_chunk)
+    chunk_fn = functools.partial(_blocked_chunk_nll_and_grads, kernel=kernel, blocked=blocked)
+    dk_like = blocked[0]
+
   def body(carry, xs):
     total, dk_total = carry
-    nll, dh, dk = _chunk_nll_and_grads(xs[0], kernel, *xs[1:], tied, vocab_chunk, need_h, need_kernel)
-    return (total + nll, dk_total if dk is None else dk_total + dk), dh
+    h_c, y, w = xs
+    nll, dh, dk = chunk_fn(h_c, y=y, w=w, tied=tied, need_h=need_h, need_kernel=need_kernel)
+    return (total + nll, None if dk is None else dk_total + dk), dh
 
-  dk0 = jnp.zeros(kernel.shape, jnp.float32) if need_kernel else None
+  dk0 = jnp.zeros(dk_like.shape, jnp.float32) if need_kernel else None
   (total, dk), dh = jax.lax.scan(body, (jnp.zeros([], jnp.float32), dk0), (h, labels, weights))
+  if need_kernel and vocab_chunk is not None:
+    dk = _unblock(dk, tied, kernel.shape[0] if tied else kernel.shape[1])
   return total, dh, dk
 
 
