@@ -47,13 +47,51 @@ ADAPTER = 'adapter'  # variable collection holding weight-space adapters
 Hook = Callable[[Mapping[str, jax.Array], nn.Module, Callable, jax.Array, bool], jax.Array]
 
 
+class Spec(NamedTuple):
+  """What a method is, as data: ``methods.get(spec.name, **spec.hparams)`` rebuilds it.
+
+  Serialisable (``asdict``/``from_dict``); what ``adapter_config.json`` is written from and
+  what a sweep table shows. ``compose`` has ``name='compose'`` and ``hparams={'methods':
+  [spec dicts]}``.
+
+  >>> Spec('lora', {'rank': 8}).asdict()
+  {'name': 'lora', 'rank': 8}
+  """
+  name: str
+  hparams: Mapping[str, Any]
+
+  def asdict(self) -> dict:
+    return {'name': self.name, **self.hparams}
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> 'Spec':
+    d = dict(d)
+    return cls(d.pop('name'), d)
+
+
 class PeftMethod(NamedTuple):
-  """``init(rng, base_params) -> adapter``; ``apply(apply_fn) -> apply_fn'(adapter, base_params,
-  *a, **kw)``, which calls ``apply_fn({'params': ..., 'adapter': adapter, ...}, *a, **kw)`` (the
-  contract ``compose`` relies on); ``merge(adapter, base_params) -> base_params'`` or None."""
+  """A PEFT method: pure functions over the adapter pytree (optax-style; optional fields
+  default to None, so methods that do not need them stay three functions).
+
+  * ``init(rng, base_params) -> adapter``: leaves are ``nn.Partitioned`` boxes carrying logical
+    axes taken from the (boxed) base param they adapt; plain arrays in, plain arrays out.
+  * ``apply(apply_fn) -> apply_fn'(adapter, base_params, *a, **kw)``, which calls
+    ``apply_fn({'params': ..., 'adapter': adapter, ...}, *a, **kw)`` (the contract ``compose``
+    relies on); boxed or unboxed adapters are accepted.
+  * ``merge(adapter, base_params) -> base_params'`` or None (not mergeable).
+  * ``spec``: the method's ``Spec`` (name and hyper-parameters).
+  * ``regularizer(adapter) -> scalar`` added to the training loss, or None.
+  * ``init_state(adapter) -> state`` and ``update(state, adapter, grads, step) -> (state,
+    adapter)``: a per-step update after the optimizer step, with its own state (kept in the
+    train state and its checkpoints), or None. ``step`` is the count of steps done.
+  """
   init: Callable[[jax.Array, Any], Any]
   apply: Callable[[Callable], Callable]
   merge: Optional[Callable[[Any, Any], Any]]
+  spec: Optional[Spec] = None
+  regularizer: Optional[Callable[[Any], jax.Array]] = None
+  init_state: Optional[Callable[[Any], Any]] = None
+  update: Optional[Callable[[Any, Any, Any, jax.Array], tuple[Any, Any]]] = None
 
 
 def substitute(adapter, params):
