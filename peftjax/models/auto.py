@@ -32,12 +32,18 @@ class Pretrained:
 
 
 def load_pretrained(source, task: str = 'causal_lm', dtype=jnp.float32,
-                    num_labels: int | None = None, **config_overrides) -> Pretrained:
+                    num_labels: int | None = None, shardings=None,
+                    **config_overrides) -> Pretrained:
   """Opens ``source`` (HF dir, sharded dir, ``.gguf``, hub id, asset alias) for ``task``.
 
   ``dtype`` is the parameter and compute dtype unless ``param_dtype``/``dtype`` overrides say
   otherwise; any config field can be overridden (``scan_layers=True``, ``remat=True``, ...).
   Missing classification/value heads are initialised fresh (with a warning), as in HF.
+
+  ``shardings(module)`` -> a tree of shardings like the params (e.g.
+  ``lambda module: sharding.model_shardings(module, mesh, rules)[1]``) loads every tensor
+  straight into its shards, one shard at a time (``convert.params_from_hf``); without it the
+  params land on the default device.
   """
   from peftjax.models import checkpoint, tokenizer as tokenizers   # lazy: heavy optional deps
   ckpt = checkpoint.open_checkpoint(source)
@@ -47,7 +53,8 @@ def load_pretrained(source, task: str = 'causal_lm', dtype=jnp.float32,
   overrides.update(config_overrides)
   config = registry.config_from_hf(ckpt.config, **overrides)
   module = registry.build(config, task)
-  params = convert.params_from_hf(config, ckpt.tensors, config.param_dtype, task)
+  params = convert.params_from_hf(config, ckpt.tensors, config.param_dtype, task,
+                                  shardings=None if shardings is None else shardings(module))
   try:
     tok = tokenizers.load_tokenizer(ckpt.tokenizer_source)
   except errors.CheckpointError as err:

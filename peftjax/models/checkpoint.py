@@ -7,6 +7,11 @@ is indexed, so a converter can stream one tensor at a time and never hold two mo
 >>> ckpt.config['hidden_size'], ckpt.tensors.shape('embeddings.word_embeddings.weight')
 (384, (30522, 384))
 >>> w = ckpt.tensors['encoder.layer.0.attention.self.query.weight']     # one numpy array
+>>> ckpt.tensors.read('encoder.layer.0.attention.self.query.weight', np.s_[:2, 8:12]).shape
+(2, 4)
+
+``read(name, index)`` reads only that slice from a safetensors file (what sharded loading uses:
+``convert.params_from_hf(..., shardings=...)``).
 """
 from __future__ import annotations
 
@@ -42,7 +47,8 @@ class TensorSource(collections.abc.Mapping):
   """Lazy read-only mapping from Hugging Face tensor name to numpy array.
 
   ``keys()``, ``in``, ``shape(name)`` and ``file_of(name)`` only consult the index; ``[name]``
-  reads that one tensor. Subclasses implement ``_load(name)``.
+  reads that one tensor, ``read(name, index)`` one slice of it. Subclasses implement
+  ``_load(name)`` and, where the format allows reading a slice, ``read``.
   """
 
   def __init__(self, origin: pathlib.Path, shapes: dict[str, tuple[int, ...]],
@@ -50,6 +56,16 @@ class TensorSource(collections.abc.Mapping):
     self.origin = origin      # the file that indexes the tensors (named in errors)
     self._shapes = shapes
     self._files = files
+    self._last = None         # (name, array): the whole tensor that ``read`` sliced last
+
+  def read(self, name: str, index) -> np.ndarray:
+    """``self[name][index]``. This default loads the whole tensor once and keeps it for the
+    next slices of the same tensor (sharded loading asks for each shard in turn)."""
+    self._check(name)
+    if self._last is None or self._last[0] != name:
+      self._last = None         # free the previous tensor before loading the next
+      self._last = (name, self._load(name))
+    return np.array(self._last[1][index])
 
   def __getitem__(self, name: str) -> np.ndarray:
     self._check(name)
@@ -92,9 +108,11 @@ class _Entry:
 
 
 class SafetensorsSource(TensorSource):
-  """Tensors of one or several ``.safetensors`` files, read with ``np.fromfile`` in stored dtype.
+  """Tensors of one or several ``.safetensors`` files, memory-mapped and copied out in stored
+  dtype; ``read`` copies only the slice asked for.
 
   BF16 comes back as ``ml_dtypes.bfloat16`` (cast with ``.astype(np.float32)`` where needed).
+  safetensors' own ``safe_open(framework='numpy')`` cannot return bfloat16, hence ``np.memmap``.
   """
 
   def __init__(self, origin: pathlib.Path, files: list[pathlib.Path]):
@@ -105,9 +123,15 @@ class SafetensorsSource(TensorSource):
                      {k: e.file for k, e in self._entries.items()})
 
   def _load(self, name: str) -> np.ndarray:
+    return self.read(name, ...)
+
+  def read(self, name: str, index) -> np.ndarray:
+    self._check(name)
     e = self._entries[name]
-    count = math.prod(e.shape)
-    return np.fromfile(e.file, dtype=e.dtype, count=count, offset=e.offset).reshape(e.shape)
+    if math.prod(e.shape) == 0:     # mmap cannot map zero bytes
+      return np.zeros(e.shape, e.dtype)[index]
+    return np.array(np.memmap(e.file, dtype=e.dtype, mode='r', offset=e.offset,
+                              shape=e.shape)[index])
 
 
 def read_safetensors_header(path: pathlib.Path) -> dict[str, _Entry]:

@@ -70,7 +70,15 @@ def _source(tensors) -> str:
   return str(getattr(tensors, 'origin', None) or 'checkpoint')
 
 
-def _read(tensors, keys, config, name, transpose, shape, dtype):
+def _read(tensors, name: str, index: tuple) -> np.ndarray:
+  """``tensors[name][index]``, reading only that slice where the source can (``read``)."""
+  read = getattr(tensors, 'read', None)
+  return read(name, index) if read is not None else np.asarray(tensors[name])[index]
+
+
+def _tensor_reader(tensors, keys, config, name, transpose, shape, dtype):
+  """``index -> array``: that slice (in the Flax layout) of HF tensor ``name`` or a candidate
+  name, cast to ``dtype``; None when the checkpoint has none of them. Checks the shape now."""
   found = next((n for n in _candidates(config, name) if n in keys), None)
   if found is None:
     return None
@@ -79,41 +87,87 @@ def _read(tensors, keys, config, name, transpose, shape, dtype):
   if got != want:
     raise errors.CheckpointError(
         f'{tensors.file_of(found)}: tensor {found} has shape {got}, expected {want}')
-  arr = np.asarray(tensors[found])
-  return (arr.T if transpose else arr).astype(dtype)
+  if transpose:
+    return lambda index: _read(tensors, found, index[::-1]).T.astype(dtype)
+  return lambda index: _read(tensors, found, index).astype(dtype)
 
 
-def params_from_hf(config, tensors, dtype=jnp.float32, task: str = 'causal_lm', *,
-                   seed: int = 0) -> dict:
-  """Params for ``registry.build(config, task)`` read one tensor at a time from ``tensors``.
-
-  ``tensors`` is a lazy mapping (``keys()``, ``shape(name)``, ``file_of(name)``, ``[name]`` ->
-  np.ndarray). Missing classification/value heads and poolers are initialised as Hugging Face
-  does (normal(initializer_range) kernels, zero biases, seeded by ``seed``) with a warning; any
-  other missing or mis-shaped tensor raises ``CheckpointError`` naming file and tensor.
-  """
-  dtype = jnp.dtype(dtype)
+def _param_readers(config, tensors, dtype, task, seed) -> dict:
+  """``{path: (ShapeDtypeStruct, index -> array)}`` for every param of ``task``; checks that
+  every tensor exists with the right shape before any is read."""
   keys = set(tensors.keys())
   rng = np.random.default_rng(seed)
-  flat, fresh = {}, []
+  readers, fresh = {}, []
   for path, sds in param_shapes(config, task).items():
     scanned = is_scanned(config, path)
     layer_shape = sds.shape[1:] if scanned else sds.shape
-    arrays = []
+    layers = []
     for layer in range(config.num_layers) if scanned else [None]:
       name, transpose = hf_name(config, path, layer)
-      arr = _read(tensors, keys, config, name, transpose, layer_shape, dtype)
-      if arr is None and any(m in NEW_HEADS for m in path):
+      read = _tensor_reader(tensors, keys, config, name, transpose, layer_shape, dtype)
+      if read is None and any(m in NEW_HEADS for m in path):
         fresh.append(name)
-        arr = (np.zeros(layer_shape) if path[-1] == 'bias' else
-               rng.normal(0.0, config.initializer_range, layer_shape)).astype(dtype)
-      if arr is None:
+        value = (np.zeros(layer_shape) if path[-1] == 'bias' else
+                 rng.normal(0.0, config.initializer_range, layer_shape)).astype(dtype)
+        read = value.__getitem__
+      if read is None:
         raise errors.CheckpointError(
             f'{_source(tensors)}: tensor {name} is missing (needed for {"/".join(path)})')
-      arrays.append(arr)
-    flat[path] = jnp.asarray(np.stack(arrays) if scanned else arrays[0])
+      layers.append(read)
+    readers[path] = (jax.ShapeDtypeStruct(sds.shape, dtype),
+                     _stacked(layers) if scanned else layers[0])
   if fresh:
     logging.warning('newly initialised (not in %s): %s', _source(tensors), ', '.join(fresh))
+  return readers
+
+
+def _stacked(layers):
+  """Reader of a scanned param: its leading axis stacks the per-layer HF tensors."""
+  return lambda index: np.stack([layers[i](index[1:]) for i in range(len(layers))[index[0]]])
+
+
+def _sharded(sds, sharding, read) -> jax.Array:
+  """The array built shard by shard on its devices; a slice shared by several devices
+  (replication) is read once."""
+  cache = {}
+
+  def shard(index):
+    key = tuple((s.start, s.stop, s.step) for s in index)
+    if key not in cache:
+      cache[key] = read(tuple(index))
+    return cache[key]
+
+  return jax.make_array_from_callback(sds.shape, sharding, shard, dtype=sds.dtype)
+
+
+def params_from_hf(config, tensors, dtype=jnp.float32, task: str = 'causal_lm', *,
+                   seed: int = 0, shardings=None) -> dict:
+  """Params for ``registry.build(config, task)`` read one tensor at a time from ``tensors``.
+
+  ``tensors`` is a lazy mapping (``keys()``, ``shape(name)``, ``file_of(name)``, ``[name]`` ->
+  np.ndarray, and optionally ``read(name, index)`` -> one slice). Missing classification/value
+  heads and poolers are initialised as Hugging Face does (normal(initializer_range) kernels, zero
+  biases, seeded by ``seed``) with a warning; any other missing or mis-shaped tensor raises
+  ``CheckpointError`` naming file and tensor, before anything is read.
+
+  With ``shardings`` (a tree of ``jax.sharding.Sharding`` like the params), every array is
+  built shard by shard with ``jax.make_array_from_callback``: each process reads only the slices
+  its devices hold, and no whole tensor is placed on one device. Without, arrays are placed on
+  the default device.
+  """
+  dtype = jnp.dtype(dtype)
+  readers = _param_readers(config, tensors, dtype, task, seed)
+  flat_shardings = None if shardings is None else traverse_util.flatten_dict(shardings)
+  if flat_shardings is not None and set(flat_shardings) != set(readers):
+    odd = sorted(set(flat_shardings) ^ set(readers))
+    raise ValueError(f'shardings do not match the params of {config.model_type}/{task}: '
+                     f'{", ".join("/".join(p) for p in odd[:5])} in only one of them')
+  flat = {}
+  for path, (sds, read) in readers.items():
+    if flat_shardings is None:
+      flat[path] = jnp.asarray(read((slice(None),) * len(sds.shape)))
+    else:
+      flat[path] = _sharded(sds, flat_shardings[path], read)
   return traverse_util.unflatten_dict(flat)
 
 

@@ -154,3 +154,157 @@ def test_hub_id_offline_resolves_from_cache(offline_cache):
   ckpt = open_checkpoint('peftjax-test/tiny-llama')
   assert ckpt.path == pathlib.Path(repo / 'snapshots' / commit).resolve()
   assert_matches_state_dict(ckpt, sd)
+
+
+# ---- sharded loading: every tensor straight into its shards (convert.params_from_hf) ----
+
+MESHES = {'fsdp8': dict(data=1, fsdp=8, tensor=1), 'd2f2t2': dict(data=2, fsdp=2, tensor=2)}
+
+
+class RecordingSource:
+  """A checkpoint's tensors that records every ``read(name, index)`` and refuses whole-tensor
+  ``[name]`` access, so a test sees exactly what the loader asked for."""
+
+  def __init__(self, tensors):
+    self.inner, self.origin, self.reads = tensors, tensors.origin, []
+
+  def keys(self):
+    return self.inner.keys()
+
+  def shape(self, name):
+    return self.inner.shape(name)
+
+  def file_of(self, name):
+    return self.inner.file_of(name)
+
+  def read(self, name, index):
+    out = self.inner.read(name, index)
+    self.reads.append((name, out.size))
+    return out
+
+  def __getitem__(self, name):
+    raise AssertionError(f'whole tensor {name} read')
+
+
+def _load_both(config, tensors, task, mesh):
+  from peftjax import sharding
+  from peftjax.models import convert, registry
+  _, shardings = sharding.model_shardings(registry.build(config, task), mesh)
+  sharded = convert.params_from_hf(config, tensors, config.param_dtype, task, shardings=shardings)
+  return sharded, shardings
+
+
+def _assert_equal_and_placed(sharded, unsharded, shardings):
+  import jax
+  from flax import traverse_util
+  flat = traverse_util.flatten_dict(sharded)
+  want = traverse_util.flatten_dict(unsharded)
+  assert set(flat) == set(want)
+  for path, arr in flat.items():
+    s = traverse_util.flatten_dict(shardings)[path]
+    assert arr.sharding == s and arr.dtype == want[path].dtype, path
+    assert all(shard.data.shape == s.shard_shape(arr.shape) for shard in arr.addressable_shards)
+    np.testing.assert_array_equal(np.asarray(arr), np.asarray(want[path]), err_msg=str(path))
+  return flat
+
+
+@pytest.mark.parametrize('mesh_name', sorted(MESHES))
+@pytest.mark.parametrize('scan', [False, True])
+@pytest.mark.parametrize('name', ['llama_gqa', 'gpt2'])
+def test_sharded_load_equals_unsharded_and_reads_only_shards(hf_model, name, scan, mesh_name):
+  """Bit-exact against the unsharded load; each array has its sharding; every read of a
+  sharded param's tensor is one shard (never the whole tensor), each distinct shard read once."""
+  import math
+  from flax import traverse_util
+  from peftjax import sharding
+  from peftjax.models import convert, registry
+  hf = hf_model(name)
+  config = registry.config_from_hf(hf.hf_config, scan_layers=scan)
+  mesh = sharding.make_mesh(**MESHES[mesh_name])
+  tensors = RecordingSource(open_checkpoint(hf.dir).tensors)
+  sharded, shardings = _load_both(config, tensors, 'causal_lm', mesh)
+  unsharded = convert.params_from_hf(config, open_checkpoint(hf.dir).tensors)
+  flat = _assert_equal_and_placed(sharded, unsharded, shardings)
+
+  split = 0
+  for path, arr in flat.items():
+    s = traverse_util.flatten_dict(shardings)[path]
+    layers = config.num_layers if convert.is_scanned(config, path) else 1
+    names = {convert.hf_name(config, path, i if layers > 1 else None)[0] for i in range(layers)}
+    reads = [(n, size) for n, size in tensors.reads if n in names or
+             n.split('.', 1)[-1] in names]            # gpt2 keys may lack 'transformer.'
+    shard_size = math.prod(s.shard_shape(arr.shape)) // layers
+    distinct = len({tuple((i.start, i.stop) for i in idx)
+                    for idx in s.addressable_devices_indices_map(arr.shape).values()})
+    assert reads and all(size == shard_size for _, size in reads), (path, reads, shard_size)
+    assert len(reads) == distinct * layers, (path, len(reads), distinct)
+    split += shard_size * layers < arr.size
+  assert split >= 5 * config.num_layers if not scan else split >= 5   # kernels really split
+
+
+def test_sharded_bfloat16_load_equals_unsharded(tmp_path):
+  import jax.numpy as jnp
+  from peftjax import sharding
+  from peftjax.models import auto, registry
+  save(tmp_path, dtype=torch.bfloat16)
+  mesh = sharding.make_mesh(**MESHES['d2f2t2'])
+  place = lambda module: sharding.model_shardings(module, mesh)[1]
+  sharded = auto.load_pretrained(tmp_path, dtype=jnp.bfloat16, scan_layers=True, shardings=place)
+  unsharded = auto.load_pretrained(tmp_path, dtype=jnp.bfloat16, scan_layers=True)
+  _assert_equal_and_placed(sharded.params, unsharded.params,
+                           place(registry.build(sharded.config, 'causal_lm')))
+
+
+def test_sharded_load_initialises_missing_heads_like_unsharded(hf_model):
+  """A base BERT loaded for classification: the fresh classifier/pooler draw the same numbers."""
+  from peftjax import sharding
+  from peftjax.models import auto
+  hf = hf_model('bert', 'base')
+  mesh = sharding.make_mesh(**MESHES['fsdp8'])
+  place = lambda module: sharding.model_shardings(module, mesh)[1]
+  sharded = auto.load_pretrained(hf.dir, task='classification', num_labels=2, shardings=place)
+  unsharded = auto.load_pretrained(hf.dir, task='classification', num_labels=2)
+  assert 'classifier' in sharded.params
+  _assert_equal_and_placed(sharded.params, unsharded.params, place(sharded.module))
+
+
+def test_sharded_gguf_dequantises_each_tensor_once(monkeypatch):
+  """GGUF cannot read a slice: each tensor is dequantised once and sliced for every shard."""
+  from peftjax.models import gguf as gguf_lib, registry
+  from peftjax import sharding
+  from peftjax.models import convert
+  ckpt = open_checkpoint('smollm2-135m-instruct')
+  config = registry.config_from_hf(ckpt.config)
+  unsharded = convert.params_from_hf(config, ckpt.tensors)
+  loads = []
+  real = gguf_lib.GGUFSource._load
+  monkeypatch.setattr(gguf_lib.GGUFSource, '_load',
+                      lambda self, name: loads.append(name) or real(self, name))
+  sharded, shardings = _load_both(config, ckpt.tensors, 'causal_lm',
+                                  sharding.make_mesh(**MESHES['fsdp8']))
+  _assert_equal_and_placed(sharded, unsharded, shardings)
+  assert sorted(loads) == sorted(ckpt.tensors)     # 272 tensors, each dequantised once
+
+
+def test_shardings_for_other_params_name_the_path(hf_model):
+  from peftjax import sharding
+  from peftjax.models import convert, registry
+  hf = hf_model('llama_gqa')
+  config = registry.config_from_hf(hf.hf_config)
+  mesh = sharding.make_mesh(**MESHES['fsdp8'])
+  _, shardings = sharding.model_shardings(registry.build(config, 'causal_lm'), mesh)
+  del shardings['lm_head']
+  with pytest.raises(ValueError, match='shardings do not match the params of llama/causal_lm: '
+                                       'lm_head/kernel in only one of them'):
+    convert.params_from_hf(config, open_checkpoint(hf.dir).tensors, shardings=shardings)
+
+
+def test_read_slice_equals_slice_of_tensor(tmp_path):
+  sd = save(tmp_path, dtype=torch.bfloat16)
+  tensors = open_checkpoint(tmp_path).tensors
+  name = 'model.layers.1.mlp.down_proj.weight'
+  got = tensors.read(name, np.s_[8:40, 16:48])
+  assert got.shape == (32, 32) and got.dtype == ml_dtypes.bfloat16
+  np.testing.assert_array_equal(got.astype(np.float32), sd[name].float().numpy()[8:40, 16:48])
+  with pytest.raises(CheckpointError, match="tensor 'model.norm.kernel' not found"):
+    tensors.read('model.norm.kernel', np.s_[:])
