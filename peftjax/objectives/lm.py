@@ -9,12 +9,17 @@ vocab_chunk] float32 block plus a hidden-sized gradient. Cost: the forward logit
 matmul per wanted gradient, as for unchunked autodiff (with `vocab_chunk` the logits are formed
 twice: once for the streaming logsumexp, once for the gradient).
 
+`chunked_logprobs` gives the per-token and per-sequence log-probs of the labels (what DPO, reward
+modelling and PPO need) from the same passes; `head_logprobs` the same through any head callable
+(a model's adapted `lm_head`), one checkpointed token chunk at a time.
+
 >>> hidden = jnp.ones((2, 8, 4)); kernel = jnp.zeros((4, 10))
 >>> labels = jnp.zeros((2, 8), jnp.int32); mask = jnp.ones((2, 8))
 >>> round(float(chunked_lm_loss(hidden, kernel, labels, mask, chunk=4)), 4)  # log(10)
 2.3026
 """
 import functools
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -91,18 +96,17 @@ def _logit_grads(dlogits, h, kernel, tied, need_h, need_kernel):
 
 
 def _dlogits(logits, lse, ids, y, w):
-  """d nll / d logits = (softmax - onehot(y)) * w, zero on rows with w = 0."""
-  return jnp.where((w > 0)[:, None], (jnp.exp(logits - lse[:, None]) - (ids == y[:, None])) * w[:, None], 0.0)
+  """(softmax - onehot(y)) * w: d (w * nll) / d logits, or with w = -1 d log p(y) / d logits;
+  zero on rows with w = 0."""
+  return jnp.where((w != 0)[:, None], (jnp.exp(logits - lse[:, None]) - (ids == y[:, None])) * w[:, None], 0.0)
 
 
-def _weighted_nll(lse, target, w):
-  return jnp.sum(jnp.where(w > 0, (lse - target) * w, 0.0))
-
-
-def _chunk_nll_and_grads(h, kernel, y, w, tied, need_h, need_kernel):
-  """Summed weighted NLL of one token chunk and its gradients w.r.t. h (with `need_h`) and the
-  kernel (with `need_kernel`), else None: formed where the logits are, so the [n, V] block never
-  has to be stored for (or recomputed in) the backward pass."""
+def _chunk_pass(h, kernel, y, w, tied, need_h, need_kernel, lse=None):
+  """(logsumexp, target logit, d h, d kernel) of one token chunk h [n, D]; the gradients (None
+  unless needed) are those of sum_n w_n nll_n, formed where the logits are, so the [n, V] block
+  never has to be stored for (or recomputed in) the backward pass. (`lse` is recomputed here:
+  from the logits it costs no matmul.)"""
+  del lse
   logits = _block_logits(h, kernel, tied)
   lse = jax.nn.logsumexp(logits, axis=-1)
   target = jnp.take_along_axis(logits, y[:, None], axis=-1)[:, 0]
@@ -110,15 +114,16 @@ def _chunk_nll_and_grads(h, kernel, y, w, tied, need_h, need_kernel):
   if need_h or need_kernel:
     dlogits = _dlogits(logits, lse, jnp.arange(logits.shape[-1]), y, w)
     dh, dk = _logit_grads(dlogits, h, kernel, tied, need_h, need_kernel)
-  return _weighted_nll(lse, target, w), dh, dk
+  return lse, target, dh, dk
 
 
-def _blocked_chunk_nll_and_grads(h, kernel, blocked, y, w, tied, need_h, need_kernel):
-  """`_chunk_nll_and_grads` over vocabulary blocks: a streaming logsumexp, then (for gradients)
-  a second pass over the blocks; d kernel comes back blocked, as `blocked`."""
+def _blocked_chunk_pass(h, kernel, blocked, y, w, tied, need_h, need_kernel, lse=None):
+  """`_chunk_pass` over vocabulary blocks: a streaming logsumexp (unless `lse` is given), then
+  (for gradients) a second pass over the blocks; d kernel comes back blocked, as `blocked`."""
   blocks, offsets = blocked
   vocab = kernel.shape[0] if tied else kernel.shape[1]
-  lse = _chunk_logsumexp(h, blocks, offsets, vocab, tied)
+  if lse is None:
+    lse = _chunk_logsumexp(h, blocks, offsets, vocab, tied)
   rows = jnp.take(kernel, y, axis=0) if tied else jnp.take(kernel, y, axis=1).T
   target = jnp.einsum('nd,nd->n', h, rows, preferred_element_type=jnp.float32)
   dh = dk = None
@@ -134,44 +139,53 @@ def _blocked_chunk_nll_and_grads(h, kernel, blocked, y, w, tied, need_h, need_ke
 
     dh0 = jnp.zeros(h.shape, jnp.float32) if need_h else None
     dh, dk = jax.lax.scan(body, dh0, (blocks, offsets))
-  return _weighted_nll(lse, target, w), dh, dk
+  return lse, target, dh, dk
 
 
-def _nll_scan(h, kernel, labels, weights, tied, vocab_chunk, need_h=False, need_kernel=False):
-  """Scan the per-chunk NLL (and gradients) over token chunks h [chunks, chunk, D]; the
-  vocabulary blocks are built once, outside the loop."""
+def _chunk_scan(h, kernel, labels, weights, tied, vocab_chunk, need_h=False, need_kernel=False,
+                lse=None):
+  """`_chunk_pass` scanned over token chunks h [chunks, chunk, D]: (lse, target) [chunks,
+  chunk], d h [chunks, chunk, D] (per token) and d kernel (summed), each None unless needed.
+  The vocabulary blocks are built once, outside the loop; a given `lse` skips the streaming
+  logsumexp pass of the blocked path."""
   if vocab_chunk is None:
-    chunk_fn, dk_like = functools.partial(_chunk_nll_and_grads, kernel=kernel), kernel
+    chunk_fn, dk_like = functools.partial(_chunk_pass, kernel=kernel), kernel
   else:
     blocked = _vocab_blocks(kernel, tied, vocab_chunk)
-    chunk_fn = functools.partial(_blocked_chunk_nll_and_grads, kernel=kernel, blocked=blocked)
+    chunk_fn = functools.partial(_blocked_chunk_pass, kernel=kernel, blocked=blocked)
     dk_like = blocked[0]
 
-  def body(carry, xs):
-    total, dk_total = carry
-    h_c, y, w = xs
-    nll, dh, dk = chunk_fn(h_c, y=y, w=w, tied=tied, need_h=need_h, need_kernel=need_kernel)
-    return (total + nll, None if dk is None else dk_total + dk), dh
+  def body(dk_total, xs):
+    h_c, y, w, lse_c = xs
+    lse_c, target, dh, dk = chunk_fn(h_c, y=y, w=w, tied=tied, need_h=need_h,
+                                     need_kernel=need_kernel, lse=lse_c)
+    return None if dk is None else dk_total + dk, (lse_c, target, dh)
 
   dk0 = jnp.zeros(dk_like.shape, jnp.float32) if need_kernel else None
-  (total, dk), dh = jax.lax.scan(body, (jnp.zeros([], jnp.float32), dk0), (h, labels, weights))
+  dk, (lse, target, dh) = jax.lax.scan(body, dk0, (h, labels, weights, lse))
   if need_kernel and vocab_chunk is not None:
     dk = _unblock(dk, tied, kernel.shape[0] if tied else kernel.shape[1])
-  return total, dh, dk
+  return lse, target, dh, dk
+
+
+def _weighted_nll(lse, target, w):
+  return jnp.sum(jnp.where(w > 0, (lse - target) * w, 0.0))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _nll_sum(h, kernel, labels, weights, tied, vocab_chunk):
-  return _nll_scan(h, kernel, labels, weights, tied, vocab_chunk)[0]
+  lse, target, _, _ = _chunk_scan(h, kernel, labels, weights, tied, vocab_chunk)
+  return _weighted_nll(lse, target, weights)
 
 
 def _nll_sum_fwd(h, kernel, labels, weights, tied, vocab_chunk):
   # symbolic_zeros: `perturbed` says whether a gradient is wanted at all (a frozen,
   # stop_gradient-ed output embedding under PEFT needs none: no [V, D] matmul then).
-  total, dh, dk = _nll_scan(h.value, kernel.value, labels.value, weights.value, tied, vocab_chunk,
-                            need_h=h.perturbed, need_kernel=kernel.perturbed)
-  return total, (None if dh is None else dh.astype(h.value.dtype),
-                 None if dk is None else dk.astype(kernel.value.dtype))
+  lse, target, dh, dk = _chunk_scan(h.value, kernel.value, labels.value, weights.value, tied,
+                                    vocab_chunk, need_h=h.perturbed, need_kernel=kernel.perturbed)
+  return _weighted_nll(lse, target, weights.value), (
+      None if dh is None else dh.astype(h.value.dtype),
+      None if dk is None else dk.astype(kernel.value.dtype))
 
 
 def _nll_sum_bwd(tied, vocab_chunk, res, g):
@@ -183,15 +197,43 @@ def _nll_sum_bwd(tied, vocab_chunk, res, g):
 _nll_sum.defvjp(_nll_sum_fwd, _nll_sum_bwd, symbolic_zeros=True)
 
 
-def chunked_nll(hidden: jax.Array, kernel: jax.Array, labels: jax.Array, mask: jax.Array | None = None,
-                *, chunk: int = 1024, vocab_chunk: int | None = None, tied: bool = False
-                ) -> tuple[jax.Array, jax.Array]:
-  """Summed negative log-likelihood over masked tokens and the token count (float32).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _token_logprobs(h, kernel, labels, valid, tied, vocab_chunk):
+  lse, target, _, _ = _chunk_scan(h, kernel, labels, valid, tied, vocab_chunk)
+  return jnp.where(valid > 0, target - lse, 0.0)
 
-  hidden [B, T, D]; kernel [D, V] (or [V, D] with `tied`); labels [B, T] int, the target of each
-  position (negative labels are ignored); mask [B, T] (response-only loss mask), default all ones.
-  Differentiable w.r.t. hidden and kernel (fused: each wanted gradient is formed in the forward pass).
-  """
+
+def _token_logprobs_fwd(h, kernel, labels, valid, tied, vocab_chunk):
+  # d log p_t / d h_t depends on token t alone: formed here with weight -1 (no cotangent
+  # needed), the backward only scales it. d kernel sums over tokens with their cotangents, so
+  # it is formed in the backward from the logits recomputed there (lse kept from here).
+  h_, kernel_, labels_, valid_ = h.value, kernel.value, labels.value, valid.value
+  lse, target, dh, _ = _chunk_scan(h_, kernel_, labels_, -valid_, tied, vocab_chunk,
+                                   need_h=h.perturbed)
+  for_kernel = (h_, kernel_, labels_, valid_, lse) if kernel.perturbed else None
+  return jnp.where(valid_ > 0, target - lse, 0.0), (
+      None if dh is None else dh.astype(h_.dtype), for_kernel)
+
+
+def _token_logprobs_bwd(tied, vocab_chunk, res, g):
+  if isinstance(g, custom_derivatives.SymbolicZero):
+    return None, None, None, None
+  dh, for_kernel = res
+  dh = None if dh is None else (dh * g[..., None]).astype(dh.dtype)
+  dk = None
+  if for_kernel is not None:
+    h, kernel, labels, valid, lse = for_kernel
+    dk = _chunk_scan(h, kernel, labels, -g * (valid > 0), tied, vocab_chunk, need_kernel=True,
+                     lse=lse)[3].astype(kernel.dtype)
+  return dh, dk, None, None
+
+
+_token_logprobs.defvjp(_token_logprobs_fwd, _token_logprobs_bwd, symbolic_zeros=True)
+
+
+def _token_chunks(hidden, labels, mask, chunk):
+  """hidden [B, T, D] -> h [chunks, chunk, D], labels and weights [chunks, chunk] (float32;
+  0 where masked out, on negative labels and on padding)."""
   d = hidden.shape[-1]
   h = hidden.reshape(-1, d)
   labels = labels.reshape(-1)
@@ -204,10 +246,91 @@ def chunked_nll(hidden: jax.Array, kernel: jax.Array, labels: jax.Array, mask: j
   h = jnp.pad(h, ((0, pad), (0, 0))).reshape(-1, chunk, d)
   labels = jnp.pad(labels, (0, pad)).reshape(-1, chunk)
   weights = jnp.pad(weights, (0, pad)).reshape(-1, chunk)
+  return h, labels, weights
+
+
+def _vocab_chunk(kernel, tied, vocab_chunk):
   vocab = kernel.shape[0] if tied else kernel.shape[1]
-  vocab_chunk = None if vocab_chunk is None or vocab_chunk >= vocab else vocab_chunk
-  total = _nll_sum(h, kernel, labels, weights, tied, vocab_chunk)
+  return None if vocab_chunk is None or vocab_chunk >= vocab else vocab_chunk
+
+
+def chunked_nll(hidden: jax.Array, kernel: jax.Array, labels: jax.Array, mask: jax.Array | None = None,
+                *, chunk: int = 1024, vocab_chunk: int | None = None, tied: bool = False
+                ) -> tuple[jax.Array, jax.Array]:
+  """Summed negative log-likelihood over masked tokens and the token count (float32).
+
+  hidden [B, T, D]; kernel [D, V] (or [V, D] with `tied`); labels [B, T] int, the target of each
+  position (negative labels are ignored); mask [B, T] (response-only loss mask), default all ones.
+  Differentiable w.r.t. hidden and kernel (fused: each wanted gradient is formed in the forward pass).
+  """
+  h, labels, weights = _token_chunks(hidden, labels, mask, chunk)
+  total = _nll_sum(h, kernel, labels, weights, tied, _vocab_chunk(kernel, tied, vocab_chunk))
   return total, weights.sum()
+
+
+class LogProbs(NamedTuple):
+  """Log-probs of the labels: `token` [B, T] (0 where masked out), `sequence` [B] (the masked
+  sum, sum_t mask_t log p_t) and `count` [B] (sum_t mask_t), all float32."""
+  token: jax.Array
+  sequence: jax.Array
+  count: jax.Array
+
+
+def _logprobs(token, weights, shape):
+  n = shape[0] * shape[1]
+  token = token.reshape(-1)[:n].reshape(shape)
+  weights = weights.reshape(-1)[:n].reshape(shape)
+  return LogProbs(token, (token * weights).sum(-1), weights.sum(-1))
+
+
+def chunked_logprobs(hidden: jax.Array, kernel: jax.Array, labels: jax.Array,
+                     mask: jax.Array | None = None, *, chunk: int = 1024,
+                     vocab_chunk: int | None = None, tied: bool = False) -> LogProbs:
+  """Per-token and per-sequence log-probs of `labels` under the head `hidden @ kernel` (as
+  `chunked_nll`), never forming [B, T, V] logits.
+
+  Differentiable w.r.t. hidden and kernel. d log p_t / d h_t is formed in the forward pass (one
+  more matmul, [B, T, D] kept), the backward scales it by the cotangent. The kernel gradient
+  (only when the kernel is differentiated, e.g. full fine-tuning) needs the cotangents, so the
+  backward recomputes the logits block by block: two matmuls there (logits, d kernel).
+
+  >>> lp = chunked_logprobs(jnp.ones((2, 3, 4)), jnp.zeros((4, 10)), jnp.zeros((2, 3), jnp.int32),
+  ...                       jnp.array([[0, 1, 1], [1, 1, 1]]))
+  >>> [round(float(x), 4) for x in lp.token[0]], [round(float(x), 4) for x in lp.sequence]
+  ([0.0, -2.3026, -2.3026], [-4.6052, -6.9078])
+  >>> lp.count.tolist()
+  [2.0, 3.0]
+  """
+  h, labels_, weights = _token_chunks(hidden, labels, mask, chunk)
+  token = _token_logprobs(h, kernel, labels_, (weights > 0).astype(jnp.float32), tied,
+                          _vocab_chunk(kernel, tied, vocab_chunk))
+  return _logprobs(token, weights, labels.shape)
+
+
+def head_logprobs(hidden: jax.Array, head: Callable[[jax.Array, jax.Array], jax.Array],
+                  labels: jax.Array, mask: jax.Array | None = None, *, chunk: int = 1024
+                  ) -> LogProbs:
+  """`chunked_logprobs` for any head: `head(h, i)` maps a token chunk h [chunk, D] (the i-th)
+  to its logits [chunk, V], e.g. a model's adapted `lm_head` (`i` can seed its dropout).
+
+  One chunk's logits exist at a time: the chunk loop is `jax.checkpoint`ed, so the backward
+  recomputes each chunk's head (forward cost twice, plus autodiff of the head).
+
+  >>> head = lambda h, i: h @ jnp.zeros((4, 10))
+  >>> lp = head_logprobs(jnp.ones((1, 3, 4)), head, jnp.zeros((1, 3), jnp.int32))
+  >>> round(float(lp.sequence[0]), 4)   # 3 log(1/10)
+  -6.9078
+  """
+  h, labels_, weights = _token_chunks(hidden, labels, mask, chunk)
+
+  @jax.checkpoint
+  def body(_, xs):
+    h_c, y, w, i = xs
+    logp = jax.nn.log_softmax(head(h_c, i).astype(jnp.float32), axis=-1)
+    return None, jnp.where(w > 0, jnp.take_along_axis(logp, y[:, None], axis=-1)[:, 0], 0.0)
+
+  _, token = jax.lax.scan(body, None, (h, labels_, weights, jnp.arange(h.shape[0])))
+  return _logprobs(token, weights, labels.shape)
 
 
 def chunked_lm_loss(hidden, kernel, labels, mask=None, *, chunk: int = 1024, vocab_chunk: int | None = None,
