@@ -16,7 +16,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from peftjax.models import layers
+from peftjax.models import families, hooks, layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +32,7 @@ class BertConfig(layers.MultiHeadConfig):
   hidden_act: str = 'gelu'
   hidden_dropout: float = 0.1
   attention_dropout: float = 0.1
+  attention_impl: str = 'auto'        # layers.ATTENTION_IMPLS: 'auto', 'xla', 'cudnn', 'einsum'
   classifier_dropout: float = 0.1
   use_pooler: bool = True
   model_type: str = 'bert'
@@ -45,14 +46,17 @@ class BertConfig(layers.MultiHeadConfig):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
-  scan_name = 'layer'
+  scan_name = families.LAYOUTS['bert'].layers.rsplit('/', 1)[-1]   # 'encoder/layer'
   is_decoder = False
   tie_word_embeddings = False
   conv1d = ()
 
+  def __post_init__(self):
+    layers.check_attention_impl(self.attention_impl)
+
   @property
   def base_prefix(self):
-    return 'roberta' if self.model_type == 'roberta' else 'bert'
+    return families.BASE_PREFIX[self.model_type]
 
   @classmethod
   def from_hf(cls, hf: dict, **overrides) -> 'BertConfig':
@@ -153,35 +157,39 @@ class BertEncoder(nn.Module):
 
 
 class BertEmbeddings(nn.Module):
+  """``word_embeddings`` (``embed``), then position and token-type embeddings, ``LayerNorm`` and
+  dropout (``__call__``); split so that virtual tokens can go between the two."""
   config: BertConfig
 
-  @nn.compact
-  def __call__(self, input_ids, token_type_ids, position_ids, inputs_embeds, deterministic):
+  def setup(self):
     cfg = self.config
-    if inputs_embeds is None:
-      inputs_embeds = layers.embed(cfg.vocab_size, cfg.hidden_size, ('vocab', 'embed'),
-                                   'word_embeddings', cfg)(input_ids)
-    pos = layers.embed(cfg.max_position_embeddings, cfg.hidden_size, (None, 'embed'),
-                       'position_embeddings', cfg)(position_ids)
-    types = layers.embed(cfg.type_vocab_size, cfg.hidden_size, (None, 'embed'),
-                         'token_type_embeddings', cfg)(token_type_ids)
-    x = layers.layer_norm(cfg, 'LayerNorm')(inputs_embeds.astype(cfg.dtype) + pos + types)
-    return nn.Dropout(cfg.hidden_dropout)(x, deterministic=deterministic)
+    self.word_embeddings = layers.embed(cfg.vocab_size, cfg.hidden_size, ('vocab', 'embed'),
+                                        None, cfg)
+    self.position_embeddings = layers.embed(cfg.max_position_embeddings, cfg.hidden_size,
+                                            (None, 'embed'), None, cfg)
+    self.token_type_embeddings = layers.embed(cfg.type_vocab_size, cfg.hidden_size,
+                                              (None, 'embed'), None, cfg)
+    self.LayerNorm = layers.layer_norm(cfg)
+    self.dropout = nn.Dropout(cfg.hidden_dropout)
+
+  def embed(self, input_ids):
+    return self.word_embeddings(input_ids)
+
+  def __call__(self, inputs_embeds, token_type_ids, position_ids, deterministic):
+    x = (inputs_embeds.astype(self.config.dtype) + self.position_embeddings(position_ids) +
+         self.token_type_embeddings(token_type_ids))
+    return self.dropout(self.LayerNorm(x), deterministic=deterministic)
 
 
-def bert_positions(config: BertConfig, input_ids, attention_mask, batch: int, length: int):
-  """BERT: 0..length-1. RoBERTa: counts non-pad tokens from ``padding_idx + 1`` (pads get
-  ``padding_idx``), as HF ``create_position_ids_from_input_ids``."""
+def bert_positions(config: BertConfig, valid, offset):
+  """Default positions of n tokens after ``offset`` [batch] prefix positions. BERT:
+  ``offset + 0..n-1``. RoBERTa: counts the ``valid`` [batch, n] tokens from ``padding_idx + 1``
+  (pads get ``padding_idx``), as HF ``create_position_ids_from_input_ids`` with a past of
+  length ``offset``."""
   if config.model_type != 'roberta':
-    return jnp.broadcast_to(jnp.arange(length), (batch, length))
-  pad = config.pad_token_id
-  if input_ids is not None:
-    valid = (input_ids != pad).astype(jnp.int32)
-  elif attention_mask is not None:
-    valid = attention_mask.astype(jnp.int32)
-  else:
-    return jnp.broadcast_to(jnp.arange(length) + pad + 1, (batch, length))
-  return jnp.cumsum(valid, axis=1) * valid + pad
+    return jnp.arange(valid.shape[1])[None, :] + offset[:, None]
+  v = valid.astype(jnp.int32)
+  return (jnp.cumsum(v, axis=1) + offset[:, None]) * v + config.pad_token_id
 
 
 class BertPooler(nn.Module):
@@ -203,22 +211,30 @@ class BertModel(nn.Module):
 
   @nn.compact
   def __call__(self, input_ids=None, *, attention_mask=None, position_ids=None,
-               inputs_embeds=None, prefix_kv=None, prefix_mask=None, cache=None,
-               deterministic=True, token_type_ids=None):
+               inputs_embeds=None, prompt_embeds=None, prefix_kv=None, prefix_mask=None,
+               cache=None, deterministic=True, keep_virtual=False, token_type_ids=None):
     cfg = self.config
     if cache is not None:
       raise ValueError(f'{cfg.model_type} is an encoder: it has no KV cache')
-    b, t = (input_ids if inputs_embeds is None else inputs_embeds).shape[:2]
-    if position_ids is None:
-      position_ids = bert_positions(cfg, input_ids, attention_mask, b, t)
+    embeddings = BertEmbeddings(cfg, name='embeddings')
+    x = embeddings.embed(input_ids) if inputs_embeds is None else inputs_embeds
+    b, t = x.shape[:2]
+    valid = None   # RoBERTa counts non-pad ids for positions (HF), else the attention mask
+    if cfg.model_type == 'roberta' and input_ids is not None:
+      valid = input_ids != cfg.pad_token_id
     if token_type_ids is None:
       token_type_ids = jnp.zeros((b, t), jnp.int32)
-    x = BertEmbeddings(cfg, name='embeddings')(input_ids, token_type_ids, position_ids,
-                                               inputs_embeds, deterministic)
+    inp = hooks.prepare(
+        cfg, x, attention_mask=attention_mask, position_ids=position_ids,
+        prompt_embeds=prompt_embeds, prefix_kv=prefix_kv, prefix_mask=prefix_mask,
+        token_type_ids=token_type_ids, valid=valid,
+        positions=lambda valid, offset, _: bert_positions(cfg, valid, offset))
+    x = embeddings(inp.x, inp.token_type_ids, inp.position_ids, deterministic)
     ctx, _ = layers.attention_context(
-        b, t, attention_mask=attention_mask, prefix_mask=prefix_mask,
-        prefix_len=layers.check_prefix(prefix_kv, cfg), causal=False,
-        deterministic=deterministic)
-    x = BertEncoder(cfg, name='encoder')(x, prefix_kv, ctx)
+        b, x.shape[1], attention_mask=inp.attention_mask, prefix_mask=inp.prefix_mask,
+        prefix_len=inp.prefix_len, num_virtual=inp.num_virtual, causal=False,
+        deterministic=deterministic, impl=cfg.attention_impl)
+    x = BertEncoder(cfg, name='encoder')(x, inp.prefix_kv, ctx)
     pooled = BertPooler(cfg, name='pooler')(x) if cfg.use_pooler else None
-    return layers.ModelOutput(hidden=x, pooled=pooled)
+    out = layers.ModelOutput(hidden=x, pooled=pooled)
+    return hooks.drop_virtual(out, inp.num_virtual, keep_virtual)

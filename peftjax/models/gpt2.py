@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from peftjax import errors
-from peftjax.models import layers
+from peftjax.models import families, hooks, layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +32,7 @@ class GPT2Config(layers.MultiHeadConfig):
   resid_dropout: float = 0.1
   embd_dropout: float = 0.1
   attention_dropout: float = 0.1
+  attention_impl: str = 'auto'        # layers.ATTENTION_IMPLS: 'auto', 'xla', 'cudnn', 'einsum'
   model_type: str = 'gpt2'
   pad_token_id: int | None = None
   bos_token_id: int | None = 50256
@@ -43,13 +44,14 @@ class GPT2Config(layers.MultiHeadConfig):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
-  base_prefix = 'transformer'
-  scan_name = 'h'
+  base_prefix = families.BASE_PREFIX['gpt2']
+  scan_name = families.LAYOUTS['gpt2'].layers
   is_decoder = True
   tie_word_embeddings = True
   conv1d = ('c_attn', 'c_proj', 'c_fc')   # HF Conv1D modules: kernels stored (in, out)
 
   def __post_init__(self):
+    layers.check_attention_impl(self.attention_impl)
     if self.intermediate_size is None:
       object.__setattr__(self, 'intermediate_size', 4 * self.hidden_size)
 
@@ -137,23 +139,26 @@ class GPT2Model(nn.Module):
     self.ln_f = layers.layer_norm(cfg)
 
   def __call__(self, input_ids=None, *, attention_mask=None, position_ids=None,
-               inputs_embeds=None, prefix_kv=None, prefix_mask=None, cache=None,
-               deterministic=True):
+               inputs_embeds=None, prompt_embeds=None, prefix_kv=None, prefix_mask=None,
+               cache=None, deterministic=True, keep_virtual=False):
     cfg = self.config
     x = self.wte(input_ids) if inputs_embeds is None else inputs_embeds.astype(cfg.dtype)
-    b, t = x.shape[:2]
-    if position_ids is None:
-      position_ids = layers.default_positions(attention_mask, b, t, cache)
-    x = self.drop(x + self.wpe(position_ids), deterministic=deterministic)
+    inp = hooks.prepare(
+        cfg, x, attention_mask=attention_mask, position_ids=position_ids,
+        prompt_embeds=prompt_embeds, prefix_kv=prefix_kv, prefix_mask=prefix_mask, cache=cache,
+        positions=lambda valid, offset, c: layers.default_positions(valid, *valid.shape, c, offset))
+    b, t = inp.x.shape[:2]
+    x = self.drop(inp.x + self.wpe(inp.position_ids), deterministic=deterministic)
     ctx, cache = layers.attention_context(
-        b, t, attention_mask=attention_mask, prefix_mask=prefix_mask,
-        prefix_len=layers.check_prefix(prefix_kv, cfg), cache=cache, causal=True,
-        deterministic=deterministic)
+        b, t, attention_mask=inp.attention_mask, prefix_mask=inp.prefix_mask,
+        prefix_len=inp.prefix_len, num_virtual=inp.num_virtual, cache=inp.cache, causal=True,
+        deterministic=deterministic, impl=cfg.attention_impl)
     kv = None if cache is None else (cache.k, cache.v)
-    x, kv = layers.run_layers(self.h, x, kv, prefix_kv, ctx)
+    x, kv = layers.run_layers(self.h, x, kv, inp.prefix_kv, ctx)
     if cache is not None:
       cache = cache.replace(k=kv[0], v=kv[1])
-    return layers.ModelOutput(hidden=self.ln_f(x), cache=cache)
+    out = layers.ModelOutput(hidden=self.ln_f(x), cache=cache)
+    return hooks.drop_virtual(out, inp.num_virtual, keep_virtual)
 
   def attend(self, hidden):
     return self.wte.attend(hidden)

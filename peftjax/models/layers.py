@@ -171,19 +171,28 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
 @struct.dataclass
 class KVCache:
   """Keys/values ``[layers, batch, max_len, kv_heads, head_dim]``, the valid-slot ``mask``
-  ``[batch, max_len]``, the next write slot ``index`` and the next position id per row ``pos``."""
+  ``[batch, max_len]``, the next write slot ``index`` and the next position id per row ``pos``.
+
+  ``started`` (static) is False until a call has written into the cache: the input hooks
+  (``prompt_embeds``, ``prefix_kv``) enter a cache only then, at prefill, as HF PEFT injects
+  them only into an empty cache; later calls (decode steps) ignore them."""
   k: Array
   v: Array
   mask: Array
   index: Array
   pos: Array
+  started: bool = struct.field(pytree_node=False, default=False)
 
 
 def init_cache(config, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
-  """An empty cache for ``config`` (any decoder family).
+  """An empty cache for ``config`` (any decoder family). ``max_len`` counts every slot: the
+  prompt, the new tokens, and any prefix key/values or virtual tokens given at prefill.
 
-  >>> cache = init_cache(config, 2, 32)                     # doctest: +SKIP
-  >>> out = module.apply(variables, ids, attention_mask=m, cache=cache)   # doctest: +SKIP
+  >>> from peftjax.models import llama
+  >>> config = llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+  ...                            num_layers=2, num_heads=4, num_kv_heads=2)
+  >>> init_cache(config, batch=2, max_len=16).k.shape   # [layers, batch, max_len, kv_heads, head_dim]
+  (2, 2, 16, 2, 8)
   """
   shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
   return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
@@ -195,49 +204,60 @@ def init_cache(config, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
 class AttentionContext:
   """Per-call attention inputs shared by all layers (broadcast through ``nn.scan``).
 
-  ``mask`` [batch, q_len, kv_len] (padding and causality), ``prefix_mask`` [batch, q_len,
-  prefix_len] or None, ``cos``/``sin`` for RoPE or None, ``index`` the cache write slot."""
+  ``mask`` [batch, q_len, kv_len]: padding, causality, window and segments; without a cache its
+  first ``prefix_len`` columns are the prefix key/values (``attend`` prepends them). ``cos``/``sin``
+  for RoPE or None, ``index`` the cache write slot, ``impl`` the attention implementation."""
   mask: Array
-  prefix_mask: Array | None = None
   cos: Array | None = None
   sin: Array | None = None
   index: Array | None = None
   deterministic: bool = struct.field(pytree_node=False, default=True)
+  impl: str = struct.field(pytree_node=False, default='auto')
 
 
 def default_positions(attention_mask: Array | None, batch: int, length: int,
-                      cache: KVCache | None = None) -> Array:
+                      cache: KVCache | None = None, offset=0) -> Array:
   """Position ids that skip padding: ``cumsum(mask) - 1`` (left padding safe), continued from
-  ``cache.pos`` when decoding."""
+  ``cache.pos`` when decoding, plus ``offset`` (visible prefix positions, [batch] or scalar)."""
   if attention_mask is None:
     attention_mask = jnp.ones((batch, length), jnp.int32)
   pos = jnp.cumsum(attention_mask.astype(jnp.int32), axis=1) - 1
   if cache is not None:
     pos = pos + cache.pos[:, None]
-  return jnp.maximum(pos, 0)
+  return jnp.maximum(pos, 0) + jnp.reshape(offset, (-1, 1))
 
 
 def attention_context(batch: int, length: int, *, attention_mask=None, prefix_mask=None,
-                      prefix_len: int = 0, cache: KVCache | None = None, causal: bool,
-                      window: int | None = None, cos=None, sin=None, deterministic: bool = True):
+                      prefix_len: int = 0, num_virtual: int = 0, cache: KVCache | None = None,
+                      causal: bool, window: int | None = None, cos=None, sin=None,
+                      deterministic: bool = True, impl: str = 'auto'):
   """Builds the ``AttentionContext`` and the updated cache metadata (k/v are filled by layers).
 
-  ``window`` (Mistral sliding window) limits each query to the last ``window`` slots, itself
-  included, counting slots as Hugging Face counts cache positions (padding included).
+  Slots number the keys in order: without a cache the ``prefix_len`` prefix key/values
+  (visible where ``prefix_mask`` [batch, prefix_len] is nonzero), then the ``length`` tokens;
+  with a cache its slots (a prefix written at prefill occupies the first ones). ``window``
+  (Mistral sliding window) limits each query to the last ``window`` slots, itself included, as
+  Hugging Face counts cache positions (padding and prefix included). Packed rows (segment ids
+  1..k in ``attention_mask``, 0 = pad) attend within their segment; the first ``num_virtual``
+  tokens (virtual tokens) and the prefix are visible to every segment.
 
   Returns ``(ctx, cache)`` where ``cache`` has ``mask``/``index``/``pos`` advanced (or None)."""
   valid = (jnp.ones((batch, length), bool) if attention_mask is None
            else attention_mask != 0)
   index = None
-  q_slots = k_slots = jnp.arange(length)
-  kv_valid = valid
   if cache is not None:
     index = cache.index
     kv_valid = jax.lax.dynamic_update_slice_in_dim(cache.mask, valid, index, axis=1)
     k_slots = jnp.arange(cache.mask.shape[1])
-    q_slots = index + q_slots
+    q_slots = index + jnp.arange(length)
     cache = cache.replace(mask=kv_valid, index=index + length,
-                          pos=cache.pos + valid.sum(axis=1, dtype=jnp.int32))
+                          pos=cache.pos + valid.sum(axis=1, dtype=jnp.int32), started=True)
+  else:
+    pvalid = (jnp.ones((batch, prefix_len), bool) if prefix_mask is None
+              else prefix_mask.astype(bool))
+    kv_valid = jnp.concatenate([pvalid, valid], axis=1)
+    k_slots = jnp.arange(prefix_len + length)
+    q_slots = prefix_len + jnp.arange(length)
   allowed = jnp.ones((length, k_slots.shape[0]), bool)
   if causal:
     allowed = k_slots[None, :] <= q_slots[:, None]
@@ -248,19 +268,30 @@ def attention_context(batch: int, length: int, *, attention_mask=None, prefix_ma
     # Packed rows carry segment ids (1..k, 0 = pad): tokens attend within their own segment.
     # For 0/1 masks this changes nothing at valid positions.
     seg = attention_mask.astype(jnp.int32)
-    mask = mask & (seg[:, :, None] == seg[:, None, :])
-  pmask = None
-  if prefix_len:
-    pvalid = (jnp.ones((batch, prefix_len), bool) if prefix_mask is None
-              else prefix_mask.astype(bool))
-    pmask = jnp.broadcast_to(pvalid[:, None, :], (batch, length, prefix_len))
-  ctx = AttentionContext(mask=mask, prefix_mask=pmask, cos=cos, sin=sin, index=index,
-                         deterministic=deterministic)
+    same = seg[:, :, None] == seg[:, None, :]
+    same = same | (jnp.arange(length) < num_virtual)[None, None, :]
+    mask = mask & jnp.concatenate(
+        [jnp.ones((batch, length, prefix_len), bool), same], axis=-1)
+  ctx = AttentionContext(mask=mask, cos=cos, sin=sin, index=index,
+                         deterministic=deterministic, impl=impl)
   return ctx, cache
 
 
-def dot_product_attention(q, k, v, mask, *, dropout_rate=0.0, dropout_rng=None):
-  """Softmax attention in float32 with grouped KV heads (no key/value repetition).
+# ----------------------------------------------------------------------------- attention
+
+ATTENTION_IMPLS = ('auto', 'xla', 'cudnn', 'einsum')
+
+
+def check_attention_impl(impl: str) -> None:
+  """Config validation: ``attention_impl`` must be one of ``ATTENTION_IMPLS``."""
+  if impl not in ATTENTION_IMPLS:
+    raise errors.UnsupportedModelError(
+        f'attention_impl {impl!r} is not supported; supported: {", ".join(ATTENTION_IMPLS)}')
+
+
+def einsum_attention(q, k, v, mask, *, dropout_rate=0.0, dropout_rng=None):
+  """The reference: softmax attention in float32 with grouped KV heads (no key/value
+  repetition), and attention dropout.
 
   q [b, t, heads, d]; k, v [b, s, kv_heads, d]; mask bool [b, t, s] -> [b, t, heads, d]."""
   b, t, h, d = q.shape
@@ -277,22 +308,44 @@ def dot_product_attention(q, k, v, mask, *, dropout_rate=0.0, dropout_rng=None):
   return out.reshape(b, t, h, d)
 
 
+def dot_product_attention(q, k, v, mask, *, impl='auto', dropout_rate=0.0, dropout_rng=None):
+  """Attention through ``jax.nn.dot_product_attention`` (``impl`` 'xla' or 'cudnn'), or the
+  einsum reference (``impl='einsum'``, and always when attention dropout is active:
+  ``jax.nn.dot_product_attention`` has no dropout). ``'auto'`` takes cuDNN flash attention on
+  GPU for 16-bit inputs whose shapes cuDNN accepts, else 'xla'. The mask travels as a boolean
+  [b, 1, t, s] array (cuDNN turns it into a bias), so GQA, padding, prefixes, windows, segments
+  and the cache all take the same path.
+
+  q [b, t, heads, d]; k, v [b, s, kv_heads, d]; mask bool [b, t, s] -> [b, t, heads, d]."""
+  if impl == 'einsum' or (dropout_rng is not None and dropout_rate > 0):
+    return einsum_attention(q, k, v, mask, dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+  mask = mask[:, None]
+  if impl == 'auto':
+    if jax.default_backend() == 'gpu' and q.dtype in (jnp.bfloat16, jnp.float16):
+      try:
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation='cudnn')
+      except NotImplementedError:   # shapes cuDNN refuses (head_dim, odd lengths with a mask)
+        pass
+    impl = 'xla'
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+
+
 def attend(q, k, v, ctx: AttentionContext, layer_cache=None, layer_prefix=None, *,
            dropout_rate=0.0, dropout_rng=None):
-  """Writes k/v into ``layer_cache`` at ``ctx.index``, prepends ``layer_prefix`` keys/values,
-  and attends. Returns ``(out [b, t, heads, d], new layer_cache or None)``."""
+  """Writes k/v into ``layer_cache`` at ``ctx.index``, prepends ``layer_prefix`` keys/values
+  (no cache: ``ctx.mask`` has their columns first), and attends.
+
+  Returns ``(out [b, t, heads, d], new layer_cache or None)``."""
   if layer_cache is not None:
     ck, cv = layer_cache
     k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), ctx.index, axis=1)
     v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), ctx.index, axis=1)
     layer_cache = (k, v)
-  mask = ctx.mask
   if layer_prefix is not None:
     pk, pv = layer_prefix
     k = jnp.concatenate([pk.astype(k.dtype), k], axis=1)
     v = jnp.concatenate([pv.astype(v.dtype), v], axis=1)
-    mask = jnp.concatenate([ctx.prefix_mask, mask], axis=-1)
-  out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask,
+  out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), ctx.mask, impl=ctx.impl,
                               dropout_rate=dropout_rate, dropout_rng=dropout_rng)
   return out, layer_cache
 
@@ -329,15 +382,3 @@ def run_layers(layers, x, kv=None, prefix_kv=None, ctx=None):
   if kv is None:
     return x, None
   return x, jax.tree.map(lambda *a: jnp.stack(a), *outs)
-
-
-def check_prefix(prefix_kv, config):
-  """Validates ``prefix_kv = (k, v)`` shapes; returns the prefix length (0 when None)."""
-  if prefix_kv is None:
-    return 0
-  k, v = prefix_kv
-  want = (config.num_layers, k.shape[1], k.shape[2], config.num_kv_heads, config.head_dim)
-  if k.shape != want or v.shape != want:
-    raise ValueError(f'prefix_kv shapes {k.shape}, {v.shape}; expected {want} '
-                     '[num_layers, batch, prefix_len, num_kv_heads, head_dim]')
-  return k.shape[2]

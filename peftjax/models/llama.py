@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from peftjax import errors
-from peftjax.models import layers
+from peftjax.models import families, hooks, layers
 
 ROPE_TYPES = ('default', 'linear', 'llama3')
 
@@ -59,6 +59,7 @@ class LlamaConfig:
   qkv_bias: bool = False         # qwen2: bias on q, k, v only
   mlp_bias: bool = False
   attention_dropout: float = 0.0
+  attention_impl: str = 'auto'        # layers.ATTENTION_IMPLS: 'auto', 'xla', 'cudnn', 'einsum'
   sliding_window: int | None = None   # mistral
   tie_word_embeddings: bool = False
   model_type: str = 'llama'
@@ -73,6 +74,7 @@ class LlamaConfig:
   param_dtype: Any = jnp.float32
 
   def __post_init__(self):
+    layers.check_attention_impl(self.attention_impl)
     if self.rope_type not in ROPE_TYPES:
       raise errors.UnsupportedModelError(
           f'rope_type {self.rope_type!r} is not supported; supported: {", ".join(ROPE_TYPES)}')
@@ -81,8 +83,8 @@ class LlamaConfig:
     if self.head_dim is None:
       object.__setattr__(self, 'head_dim', self.hidden_size // self.num_heads)
 
-  base_prefix = 'model'
-  scan_name = 'layers'
+  base_prefix = families.BASE_PREFIX['llama']
+  scan_name = families.LAYOUTS['llama'].layers
   is_decoder = True
   conv1d = ()
 
@@ -206,23 +208,27 @@ class LlamaModel(nn.Module):
     self.inv_freq = layers.rope_inv_freq(cfg)
 
   def __call__(self, input_ids=None, *, attention_mask=None, position_ids=None,
-               inputs_embeds=None, prefix_kv=None, prefix_mask=None, cache=None,
-               deterministic=True):
+               inputs_embeds=None, prompt_embeds=None, prefix_kv=None, prefix_mask=None,
+               cache=None, deterministic=True, keep_virtual=False):
     cfg = self.config
     x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds.astype(cfg.dtype)
-    b, t = x.shape[:2]
-    if position_ids is None:
-      position_ids = layers.default_positions(attention_mask, b, t, cache)
-    cos, sin = layers.rope_cos_sin(position_ids, self.inv_freq, cfg.dtype)
+    inp = hooks.prepare(
+        cfg, x, attention_mask=attention_mask, position_ids=position_ids,
+        prompt_embeds=prompt_embeds, prefix_kv=prefix_kv, prefix_mask=prefix_mask, cache=cache,
+        positions=lambda valid, offset, c: layers.default_positions(valid, *valid.shape, c, offset))
+    b, t = inp.x.shape[:2]
+    cos, sin = layers.rope_cos_sin(inp.position_ids, self.inv_freq, cfg.dtype)
     ctx, cache = layers.attention_context(
-        b, t, attention_mask=attention_mask, prefix_mask=prefix_mask,
-        prefix_len=layers.check_prefix(prefix_kv, cfg), cache=cache, causal=True,
-        window=cfg.sliding_window, cos=cos, sin=sin, deterministic=deterministic)
+        b, t, attention_mask=inp.attention_mask, prefix_mask=inp.prefix_mask,
+        prefix_len=inp.prefix_len, num_virtual=inp.num_virtual, cache=inp.cache, causal=True,
+        window=cfg.sliding_window, cos=cos, sin=sin, deterministic=deterministic,
+        impl=cfg.attention_impl)
     kv = None if cache is None else (cache.k, cache.v)
-    x, kv = layers.run_layers(self.layers, x, kv, prefix_kv, ctx)
+    x, kv = layers.run_layers(self.layers, inp.x, kv, inp.prefix_kv, ctx)
     if cache is not None:
       cache = cache.replace(k=kv[0], v=kv[1])
-    return layers.ModelOutput(hidden=self.norm(x), cache=cache)
+    out = layers.ModelOutput(hidden=self.norm(x), cache=cache)
+    return hooks.drop_virtual(out, inp.num_virtual, keep_virtual)
 
   def attend(self, hidden):
     return self.embed_tokens.attend(hidden)

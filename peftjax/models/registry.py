@@ -1,5 +1,5 @@
-"""The model zoo's table: Hugging Face ``model_type`` -> family (config class, backbone), and
-task -> head module.
+"""The model zoo's table: Hugging Face ``model_type`` -> family (config class, backbone, tasks,
+and its ``families.Layout``: embedding, layer stack, heads), and task -> head module.
 
 >>> config = config_from_hf({'model_type': 'gpt2', 'vocab_size': 64, 'n_embd': 32,
 ...                          'n_layer': 2, 'n_head': 4})
@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from peftjax import errors
-from peftjax.models import bert, gpt2, heads, llama
+from peftjax.models import bert, families, gpt2, heads, llama
 
 
 class Family(NamedTuple):
@@ -19,21 +19,19 @@ class Family(NamedTuple):
   config_cls: type
   backbone: type
   tasks: tuple[str, ...]
+  layout: families.Layout
 
 
 _DECODER_TASKS = ('base', 'causal_lm', 'classification', 'value')
 _ENCODER_TASKS = ('base', 'classification', 'value')
 
 FAMILIES = {
-    'llama': Family('llama', llama.LlamaConfig, llama.LlamaModel, _DECODER_TASKS),
-    'gpt2': Family('gpt2', gpt2.GPT2Config, gpt2.GPT2Model, _DECODER_TASKS),
-    'bert': Family('bert', bert.BertConfig, bert.BertModel, _ENCODER_TASKS),
-}
-
-MODEL_TYPES = {
-    'llama': 'llama', 'mistral': 'llama', 'qwen2': 'llama',
-    'gpt2': 'gpt2',
-    'bert': 'bert', 'roberta': 'bert',
+    'llama': Family('llama', llama.LlamaConfig, llama.LlamaModel, _DECODER_TASKS,
+                    families.LAYOUTS['llama']),
+    'gpt2': Family('gpt2', gpt2.GPT2Config, gpt2.GPT2Model, _DECODER_TASKS,
+                   families.LAYOUTS['gpt2']),
+    'bert': Family('bert', bert.BertConfig, bert.BertModel, _ENCODER_TASKS,
+                   families.LAYOUTS['bert']),
 }
 
 HEADS = {
@@ -60,11 +58,8 @@ def hf_architecture(model_type: str, task: str) -> str:
 
 def family(model_type: str) -> Family:
   """The family serving ``model_type``; raises ``UnsupportedModelError`` listing the supported."""
-  if model_type not in MODEL_TYPES:
-    raise errors.UnsupportedModelError(
-        f'model_type {model_type!r} is not supported; supported model types: '
-        f'{", ".join(sorted(MODEL_TYPES))}')
-  return FAMILIES[MODEL_TYPES[model_type]]
+  families.layout(model_type)   # raises for unsupported types
+  return FAMILIES[families.MODEL_TYPES[model_type]]
 
 
 def family_of(config) -> Family:
