@@ -1,7 +1,9 @@
 """Task heads around a family backbone (``config.base_prefix`` names it: model/transformer/bert).
 
 - ``Base``: the backbone output (``hidden``, BERT ``pooled``).
-- ``CausalLM``: ``lm_head`` Dense, or the tied input embedding.
+- ``CausalLM``: ``lm_head`` Dense, or the tied input embedding; its ``head`` method maps hidden
+  states to logits, so a loss calls the (adapted) head itself, on chunks:
+  ``apply(head_adapter(config, adapter, params), params, hidden, method='head')``.
 - ``SequenceClassifier``: decoders score the last non-pad token with ``score`` (HF
   ``LlamaForSequenceClassification``); BERT classifies the pooled CLS with ``classifier``;
   RoBERTa uses ``classifier/dense`` + ``classifier/out_proj`` on ``<s>``.
@@ -15,12 +17,15 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import operator
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from peftjax.models import layers
+from peftjax import tree
+from peftjax.models import families, layers
 
 
 def last_token_index(input_ids, attention_mask, pad_token_id, length: int):
@@ -32,19 +37,36 @@ def last_token_index(input_ids, attention_mask, pad_token_id, length: int):
   return jnp.argmax(jnp.arange(length) * attention_mask.astype(jnp.int32), axis=-1)
 
 
-# The input-embedding module under each decoder backbone (``base_prefix``), the tied LM head.
-_TIED_EMBEDDING = {'model': 'embed_tokens', 'transformer': 'wte'}
-
-
 def output_embedding(config, params):
   """The LM head weight as ``(array, tied)``: ``lm_head/kernel`` [embed, vocab] (``tied=False``)
   or the tied input embedding [vocab, embed] (``tied=True``); what a chunked LM loss needs.
 
   >>> kernel, tied = output_embedding(pre.config, pre.params)   # doctest: +SKIP
   """
-  if not config.tie_word_embeddings:
-    return params['lm_head']['kernel'], False
-  return params[config.base_prefix][_TIED_EMBEDDING[config.base_prefix]]['embedding'], True
+  tied = bool(config.tie_word_embeddings)
+  module = functools.reduce(operator.getitem, families.output_head(config, tied).split('/'),
+                            params)
+  return module['embedding' if tied else 'kernel'], tied
+
+
+def head_adapter(config, adapter, params):
+  """The part of ``adapter`` that changes how the LM head computes (LoRA, IA3, DoRA... on
+  ``lm_head``), for ``apply(..., method='head')``; None when the head is still ``hidden @
+  output_embedding(config, substitute(adapter, params))`` (no adapter there, or only replaced
+  params: full fine-tuning, ``modules_to_save``).
+
+  Tied models: HF's LM head is the input embedding's ``attend``, which adapters on the embedding
+  leave alone (they wrap its token lookup, as HF PEFT's LoRA on ``embed_tokens``): always None.
+
+  >>> head_adapter(pre.config, lora_on_lm_head, pre.params)   # doctest: +SKIP
+  {'lm_head': {'lora_A': ..., 'lora_B': ...}}
+  """
+  if config.tie_word_embeddings:
+    return None
+  module = families.output_head(config, tied=False) + '/'
+  base = tree.flatten(nn.meta.unbox(params))
+  mine = {p: v for p, v in tree.flatten(nn.meta.unbox(adapter)).items() if p.startswith(module)}
+  return None if all(p in base for p in mine) else tree.unflatten(mine)
 
 
 class Base(nn.Module):
@@ -58,20 +80,26 @@ class Base(nn.Module):
 
 
 class CausalLM(nn.Module):
-  """Next-token logits [batch, seq, vocab]."""
+  """Next-token logits [batch, seq, vocab]; ``head`` alone maps hidden states to logits."""
   config: Any
   backbone: Any
 
-  @nn.compact
-  def __call__(self, input_ids=None, **kw):
+  def setup(self):
     cfg = self.config
-    model = self.backbone(cfg, name=cfg.base_prefix)
-    out = model(input_ids, **kw)
-    if cfg.tie_word_embeddings:
-      logits = model.attend(out.hidden)
-    else:
-      logits = layers.dense(cfg.vocab_size, ('embed', 'vocab'), 'lm_head', cfg)(out.hidden)
-    return out.replace(logits=logits)
+    setattr(self, cfg.base_prefix, self.backbone(cfg))   # named as HF's base_model_prefix
+    if not cfg.tie_word_embeddings:
+      self.lm_head = layers.dense(cfg.vocab_size, ('embed', 'vocab'), None, cfg)
+
+  def __call__(self, input_ids=None, **kw):
+    out = getattr(self, self.config.base_prefix)(input_ids, **kw)
+    return out.replace(logits=self.head(out.hidden))
+
+  def head(self, hidden):
+    """Logits [..., vocab] of final hidden states [..., embed]: ``lm_head``, or the tied
+    input embedding's ``attend``."""
+    if self.config.tie_word_embeddings:
+      return getattr(self, self.config.base_prefix).attend(hidden)
+    return self.lm_head(hidden)
 
 
 class RobertaClassificationHead(nn.Module):

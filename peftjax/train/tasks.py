@@ -101,15 +101,54 @@ def _sft_datasets(config, tokenizer):
   return tuple(out)
 
 
+def _lm_head(apply, config, adapter, params, rng):
+  """``(kernel, tied, None)`` when the adapted LM head is ``hidden @ kernel`` (fused losses
+  apply), else ``(None, None, head)``: ``head(h, i)`` runs the model's adapted head on the i-th
+  token chunk (its adapters' dropout, in training, drawn from ``rng`` and ``i``)."""
+  head_adapter = heads.head_adapter(config, adapter, params)
+  if head_adapter is None:
+    kernel, tied = heads.output_embedding(config, methods_base.substitute(adapter, params))
+    return kernel, tied, None
+
+  def head(h, i):
+    kw = {} if rng is None else {'rngs': {'dropout': jax.random.fold_in(rng, i)}}
+    return apply(head_adapter, params, h, method='head', **kw)
+  return None, None, head
+
+
+def lm_logprobs(apply, config, adapter, params, hidden, labels, mask=None, *, rng=None,
+                chunk: int = 512) -> lm_obj.LogProbs:
+  """Log-probs of ``labels`` [B, T] (per token, per sequence, token counts) under the adapted
+  model's LM head, from its final ``hidden`` states [B, T, D], never forming [B, T, V] logits:
+  fused (``lm.chunked_logprobs``) while the head is ``hidden @ kernel``, else the model's own
+  head (``apply(..., method='head')``) one token chunk at a time (``lm.head_logprobs``).
+
+  ``apply``: the PEFT-applied model call; ``rng``: dropout for the head's adapters (training).
+
+  >>> lp = lm_logprobs(apply, pre.config, adapter, params, hidden, labels, mask)  # doctest: +SKIP
+  >>> lp.sequence.shape                                                           # doctest: +SKIP
+  (8,)
+  """
+  kernel, tied, head = _lm_head(apply, config, adapter, params, rng)
+  if head is not None:
+    return lm_obj.head_logprobs(hidden, head, labels, mask, chunk=chunk)
+  return lm_obj.chunked_logprobs(hidden, kernel.astype(hidden.dtype), labels, mask, chunk=chunk,
+                                 tied=tied)
+
+
 def _sft_loss(apply, pretrained):
-  """Response-only token cross-entropy, chunked over the sequence: the [B, T, vocab] float32
-  logits are never materialised (the LM head matmul is dead code XLA removes)."""
+  """Response-only token cross-entropy through the adapted LM head, chunked over the sequence:
+  the [B, T, vocab] float32 logits are never materialised (the model's own head call is dead
+  code XLA removes). Fused (one matmul per wanted gradient) unless adapters change the head."""
   def loss_fn(adapter, params, batch, rng):
     hidden = apply(adapter, params, batch['input_ids'], **_model_kwargs(batch, rng)).hidden
-    kernel, tied = heads.output_embedding(pretrained.config,
-                                          methods_base.substitute(adapter, params))
-    nll, count = lm_obj.chunked_nll(hidden, kernel.astype(hidden.dtype), batch['labels'],
-                                    batch['loss_mask'], chunk=512, tied=tied)
+    kernel, tied, head = _lm_head(apply, pretrained.config, adapter, params, rng)
+    if head is None:
+      nll, count = lm_obj.chunked_nll(hidden, kernel.astype(hidden.dtype), batch['labels'],
+                                      batch['loss_mask'], chunk=512, tied=tied)
+    else:
+      lp = lm_obj.head_logprobs(hidden, head, batch['labels'], batch['loss_mask'], chunk=512)
+      nll, count = -lp.sequence.sum(), lp.count.sum()
     return nll / jnp.maximum(count, 1.0), {'nll_sum': nll, 'tokens': count}
   return loss_fn
 
