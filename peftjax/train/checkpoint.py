@@ -1,5 +1,8 @@
 """Checkpoints of the TrainState with orbax: every N steps, keep the last K, atomic, sharded restore.
 
+The whole TrainState is one checkpoint, so a method's own state (`TrainState.method_state`, e.g.
+importance averages and rank masks) is saved and restored into its shardings with the adapter.
+
 Orbax writes each step into a temporary directory and renames it when complete, so a killed
 process never leaves a half-written step that `latest_step` would pick up.
 
@@ -40,8 +43,8 @@ def with_shardings(abstract: Any, shardings: Any) -> Any:
 
 
 class Checkpointer:
-  """A `CheckpointManager` for TrainStates (adapter, optimizer state, step, RNG, data position):
-  saves when `step % save_every == 0` (or forced), keeps the newest `keep` steps."""
+  """A `CheckpointManager` for TrainStates (adapter, optimizer state, step, RNG, data position,
+  method state): saves when `step % save_every == 0` (or forced), keeps the newest `keep` steps."""
 
   def __init__(self, directory: str, *, save_every: int = 1000, keep: int | None = 3,
                async_save: bool = False):
@@ -54,7 +57,8 @@ class Checkpointer:
   def save(self, state: TrainState, *, step: int | None = None, metrics: Mapping[str, Any] | None = None,
            force: bool = False) -> bool:
     """Saves at `state.step` when it is a save step (or `force`); returns whether it saved.
-    Refuses (returns False) when `metrics` or the adapter hold NaN/inf. Pass the host-side
+    Refuses (returns False) when `metrics`, the adapter or the method state hold NaN/inf
+    (integer leaves such as counters are not checked). Pass the host-side
     `step` (== state.step) to call it every step without waiting for the device: nothing is
     then read from the devices on steps that are not saved."""
     step = int(state.step) if step is None else step
@@ -62,7 +66,9 @@ class Checkpointer:
       return False
     if metrics is not None and nonfinite_keys(metrics):
       return False
-    if not all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(state.adapter)):
+    floats = [x for x in jax.tree.leaves((state.adapter, state.method_state))
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    if not all(bool(jnp.all(jnp.isfinite(x))) for x in floats):
       return False
     return self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
 

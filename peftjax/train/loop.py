@@ -4,8 +4,9 @@
 >>> loop.run(get_config('method=lora,runlocal'), '/tmp/run')     # doctest: +SKIP
 
 A run is resumable: every ``train.checkpoint_every`` steps the adapter, optimizer state, step,
-RNG and data position are saved (orbax, atomic, keep-last-K); starting the same command again
-continues from the latest checkpoint and ends with the same adapter as an uninterrupted run.
+RNG, data position and the method's own state (``PeftMethod.init_state``/``update``) are saved
+(orbax, atomic, keep-last-K); starting the same command again continues from the latest
+checkpoint and ends with the same adapter as an uninterrupted run.
 Outputs in ``workdir``: ``checkpoints/``, ``metrics.jsonl``, TensorBoard events in ``tb/``,
 ``adapter/`` (HF PEFT format) and optionally ``merged/`` (a plain HF model).
 """
@@ -106,7 +107,7 @@ def run(config, workdir) -> dict:
                           if config.optim.lora_plus_ratio else None)})
   rng = jax.random.key(config.seed)
   state, state_shardings = state_lib.init_train_state(
-      method.init, optimizer, rng, params, base_axes, mesh, rules)
+      method.init, optimizer, rng, params, base_axes, mesh, rules, init_state=method.init_state)
 
   checkpointer = ckpt_lib.Checkpointer(str(workdir / 'checkpoints'),
                                        save_every=config.train.checkpoint_every,
@@ -123,7 +124,8 @@ def run(config, workdir) -> dict:
   compute_dtype = None if m.dtype == 'float32' else DTYPES[m.dtype]
   train_step = step_lib.make_train_step(loss_fn, optimizer, state_shardings=state_shardings,
                                         base_shardings=base_shardings,
-                                        batch_sharding=batch_sharding, compute_dtype=compute_dtype)
+                                        batch_sharding=batch_sharding, compute_dtype=compute_dtype,
+                                        regularizer=method.regularizer, update=method.update)
   eval_step = step_lib.make_eval_step(loss_fn, adapter_shardings=state_shardings.adapter,
                                       base_shardings=base_shardings,
                                       batch_sharding=batch_sharding, compute_dtype=compute_dtype)
@@ -166,6 +168,7 @@ def run(config, workdir) -> dict:
         last_time, last_step = now, step
         bar.set_postfix(loss=f'{float(metrics["loss"]):.4f}', tok_s=f'{rate:.0f}')
         writer.write(step, 'train', {'loss': metrics['loss'], 'grad_norm': metrics['grad_norm'],
+                                     **{k: metrics[k] for k in ('regularizer',) if k in metrics},
                                      'tokens_per_s': rate})
       if step % config.train.eval_every == 0 and step != config.train.steps:
         writer.write(step, 'eval', evaluate())

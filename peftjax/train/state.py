@@ -1,10 +1,14 @@
-"""The train state (step, adapter, optimizer state, RNG, data position) and its sharded creation.
+"""The train state (step, adapter, optimizer state, RNG, data position, the method's own state)
+and its sharded creation.
 
 >>> import optax
 >>> tx = optax.sgd(0.1)
 >>> state = TrainState.create({'w': jnp.zeros(2)}, tx, jax.random.key(0))
->>> int(state.step), int(state.data_position)
-(0, 0)
+>>> int(state.step), int(state.data_position), state.method_state
+(0, 0, ())
+>>> ema = lambda adapter: {'ema': jax.tree.map(jnp.zeros_like, adapter)}   # a PeftMethod.init_state
+>>> TrainState.create({'w': jnp.zeros(2)}, tx, jax.random.key(0), init_state=ema).method_state
+{'ema': {'w': Array([0., 0.], dtype=float32)}}
 """
 from typing import Any, Callable
 
@@ -37,43 +41,52 @@ class TrainState:
 
   `data_position` counts global batches consumed; the data pipeline maps it to epoch/offset.
   `adapter` holds float32 master weights (see `cast_floating` for bf16 compute).
+  `method_state` is the PEFT method's own state (`PeftMethod.init_state` of the master
+  adapter, advanced by `PeftMethod.update` in the train step), `()` for methods without one.
   """
   step: jax.Array
   adapter: Any
   opt_state: Any
   rng: jax.Array
   data_position: jax.Array
+  method_state: Any
 
   @classmethod
   def create(cls, adapter, optimizer: optax.GradientTransformation, rng: jax.Array,
-             data_position: int = 0, master_dtype=jnp.float32) -> 'TrainState':
+             data_position: int = 0, master_dtype=jnp.float32,
+             init_state: Callable[[Any], Any] | None = None) -> 'TrainState':
     adapter = cast_floating(adapter, master_dtype)
     return cls(step=jnp.zeros([], jnp.int32), adapter=adapter, opt_state=optimizer.init(adapter),
-               rng=key_data(rng), data_position=jnp.asarray(data_position, jnp.int32))
+               rng=key_data(rng), data_position=jnp.asarray(data_position, jnp.int32),
+               method_state=() if init_state is None else init_state(adapter))
 
   def key(self) -> jax.Array:
     return jax.random.wrap_key_data(self.rng)
 
 
 def state_shardings(abstract_state: TrainState, adapter_shardings, mesh: Mesh) -> TrainState:
-  """Shardings for a TrainState: adapter as given, optimizer state following the adapter leaves
-  it mirrors (others replicated), scalars and RNG replicated."""
+  """Shardings for a TrainState: adapter as given, optimizer and method state following the
+  adapter leaves they mirror (same key-path suffix and shape; others replicated), scalars and
+  RNG replicated."""
   rep = sharding_lib.replicated(mesh)
-  opt = sharding_lib.follow_params(abstract_state.opt_state, abstract_state.adapter, adapter_shardings, mesh)
-  return TrainState(step=rep, adapter=adapter_shardings, opt_state=opt, rng=rep, data_position=rep)
+  follow = lambda t: sharding_lib.follow_params(t, abstract_state.adapter, adapter_shardings, mesh)
+  return TrainState(step=rep, adapter=adapter_shardings, opt_state=follow(abstract_state.opt_state),
+                    rng=rep, data_position=rep, method_state=follow(abstract_state.method_state))
 
 
 def init_train_state(adapter_init: Callable, optimizer: optax.GradientTransformation, rng: jax.Array,
-                     base_params, base_axes, mesh: Mesh, rules=sharding_lib.DEFAULT_RULES
-                     ) -> tuple[TrainState, TrainState]:
+                     base_params, base_axes, mesh: Mesh, rules=sharding_lib.DEFAULT_RULES,
+                     init_state: Callable | None = None) -> tuple[TrainState, TrainState]:
   """Creates the state directly in its shardings (adapter shardings derived from the base params).
 
   `adapter_init(rng, base_params) -> adapter` is a `PeftMethod.init`; `base_axes` are the logical
-  axes of the base params (from `sharding.sharded_init`). Returns `(state, shardings)`.
+  axes of the base params (from `sharding.sharded_init`); `init_state` is the method's
+  `PeftMethod.init_state` (None: no method state). Returns `(state, shardings)`.
   """
   def create(rng, base):
     init_rng, state_rng = jax.random.split(jax.random.wrap_key_data(key_data(rng)))
-    return TrainState.create(adapter_init(init_rng, base), optimizer, state_rng)
+    return TrainState.create(adapter_init(init_rng, base), optimizer, state_rng,
+                             init_state=init_state)
 
   abstract = jax.eval_shape(create, rng, base_params)
   axes = sharding_lib.adapter_axes(abstract.adapter, base_params, base_axes)
