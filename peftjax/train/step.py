@@ -78,7 +78,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
   differentiated and reported. `update(state.method_state, adapter, grads, step)` runs after
   the optimizer step on the float32 master adapter and its float32 gradients, `step` being the
   count of steps done including this one; it returns `(method_state, adapter)` of unchanged
-  structure, shapes and dtypes.
+  structure, shapes and dtypes. With gradient accumulation (`optax.MultiSteps`) a step is one
+  micro-batch: `update` runs on each, with that micro-batch's gradients.
   Metrics are the loss_fn's plus `loss`, `grad_norm` and, with a regulariser, `regularizer`,
   replicated.
   """
