@@ -2,24 +2,47 @@
 
 A HF PEFT directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` with keys
 ``base_model.model.<HF module>.<leaf>``: ``lora_A.weight (r, in)``, ``lora_B.weight (out, r)``,
-``lora_magnitude_vector (out,)`` (DoRA), ``ia3_l`` (``(out, 1)``, feedforward ``(1, in)``), and
-the full weights of ``modules_to_save`` (e.g. ``classifier.weight``). In peftjax those are
-``<flax module>/lora_A (in, r)``, ``lora_B (r, out)``, ``lora_magnitude_vector``, ``ia3_l`` and
-adapter leaves at base-param paths (``classifier/kernel``); scanned layouts are (un)stacked per
-layer. GPT-2's Conv1D modules only change ``fan_in_fan_out`` (their LoRA factors are oriented
-as ``nn.Linear``'s).
+``lora_magnitude_vector (out,)`` (DoRA), ``lora_embedding_A (r, vocab)``/``lora_embedding_B
+(dim, r)`` (LoRA on an embedding), ``ia3_l`` (``(out, 1)``, feedforward ``(1, in)``), trained
+biases (``bias='all'|'lora_only'``: ``<module>.bias``, ``<module>.base_layer.bias`` under LoRA)
+and the full weights of ``modules_to_save`` (e.g. ``classifier.weight``). In peftjax those are
+``<flax module>/lora_A (in, r)``, ``lora_B (r, out)``, ``lora_magnitude_vector``,
+``lora_embedding_A (vocab, r)``, ``lora_embedding_B (r, dim)``, ``ia3_l`` and adapter leaves at
+base-param paths (``classifier/kernel``, ``.../q_proj/bias``); a saved embedding is the leaf
+``<module>/input_embedding`` that only the input lookup reads (HF PEFT's tied LM head keeps the
+original). Scanned layouts are (un)stacked per layer. GPT-2's Conv1D modules only change
+``fan_in_fan_out`` (their LoRA factors are oriented as ``nn.Linear``'s). The bare base model
+(``task='base'``, e.g. ``BertModel``) has no base-model prefix (``bert.``) in its names.
 
->>> save_adapter('/tmp/a', adapter, config, alpha=16)        # doctest: +SKIP
->>> peft.PeftModel.from_pretrained(hf_model, '/tmp/a')       # doctest: +SKIP
->>> method, adapter = load_adapter('/tmp/a', params, config)  # doctest: +SKIP
->>> logits = method.apply(module.apply)(adapter, params, ids).logits  # doctest: +SKIP
+Everything written to ``adapter_config.json`` comes from ``method.spec`` and the adapter's shapes:
+
+>>> import jax, jax.numpy as jnp, tempfile
+>>> from peftjax import methods
+>>> from peftjax.models import registry
+>>> config = registry.config_from_hf(dict(
+...     model_type='llama', vocab_size=16, hidden_size=8, intermediate_size=8,
+...     num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+>>> ids = jnp.zeros((1, 3), jnp.int32)
+>>> module = registry.build(config, 'causal_lm')
+>>> params = module.init(jax.random.key(0), ids)['params']
+>>> method = methods.get('rslora', rank=2, alpha=4, target='.*/q_proj')
+>>> adapter = method.init(jax.random.key(1), params)
+>>> directory = save_adapter(tempfile.mkdtemp(), method, adapter, config)
+>>> hf = read_config(directory)
+>>> hf['r'], hf['lora_alpha'], hf['use_rslora'], hf['target_modules']
+(2, 4, True, ['q_proj'])
+>>> loaded, again = load_adapter(directory, params, config)
+>>> loaded.spec.hparams['rslora'], loaded.spec.hparams['rank']
+(True, 2)
 """
 from __future__ import annotations
 
+import inspect
 import json
 import pathlib
 import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,39 +54,76 @@ from peftjax import errors, tree
 from peftjax.methods import base
 from peftjax.methods.ia3 import ia3
 from peftjax.methods.lora import lora
-from peftjax.models import auto, convert
+from peftjax.models import auto, convert, heads
 
 CONFIG_FILE = 'adapter_config.json'
 WEIGHTS_FILE = 'adapter_model.safetensors'
 PREFIX = 'base_model.model.'
-# peftjax leaf -> (HF key suffix, whether the HF tensor is the transpose)
-LEAVES = {'lora_A': ('lora_A.weight', True), 'lora_B': ('lora_B.weight', True),
-          'lora_magnitude_vector': ('lora_magnitude_vector', False), 'ia3_l': ('ia3_l', False)}
+# peftjax leaf -> (HF key suffix, whether the HF tensor is the transpose, base param it adapts)
+LEAVES = {'lora_A': ('lora_A.weight', True, 'kernel'),
+          'lora_B': ('lora_B.weight', True, 'kernel'),
+          'lora_magnitude_vector': ('lora_magnitude_vector', False, 'kernel'),
+          'lora_embedding_A': ('lora_embedding_A', True, 'embedding'),
+          'lora_embedding_B': ('lora_embedding_B', True, 'embedding'),
+          'ia3_l': ('ia3_l', False, 'kernel')}
+# The copy of a saved embedding that only the module's input lookup reads.
+INPUT_EMBEDDING = 'input_embedding'
+# Adapter leaves that replace a base param (``input_embedding`` the lookup's ``embedding``).
+_PARAM_LEAVES = ('kernel', 'bias', 'scale', 'embedding', INPUT_EMBEDDING)
 # peftjax method names whose adapters HF PEFT can load.
 EXPORTABLE = ('lora', 'rslora', 'dora', 'ia3')
+# Methods that may be composed with one of those: their leaves are modules_to_save or biases.
+_EXTRAS = ('modules_to_save', 'bitfit')
 TASK_TYPES = {'causal_lm': 'CAUSAL_LM', 'classification': 'SEQ_CLS', 'value': 'SEQ_CLS',
               'base': 'FEATURE_EXTRACTION'}
-# HF PEFT options that change what the tensors mean; peftjax supports only their defaults.
-_UNSUPPORTED_OPTIONS = {'rank_pattern': {}, 'alpha_pattern': {}, 'lora_bias': False,
-                        'bias': 'none', 'use_qalora': False,
-                        'trainable_token_indices': None, 'target_parameters': None}
+_LM_HEAD = 'lm_head'   # HF's causal-LM head module, tied to the input embedding or not
+# Input embeddings that HF PEFT's ``ensure_weight_tying`` recognises (``EMBEDDING_LAYER_NAMES``);
+# it leaves others (GPT-2's ``wte``) untied.
+_HF_TIED_NAMES = ('embed_tokens',)
+_BIAS_MODES = ('none', 'all', 'lora_only')
+# HF PEFT options that change what the tensors mean or compute; peftjax supports their defaults.
+_UNSUPPORTED_OPTIONS = {'lora_bias': False, 'layer_replication': None, 'use_qalora': False,
+                        'trainable_token_indices': None, 'target_parameters': None,
+                        'alora_invocation_tokens': None, 'velora_config': None,
+                        'monteclora_config': None, 'use_bdlora': None, 'arrow_config': None,
+                        'kasa_config': None}
 
 
-def _hf_params(config, flat):
+def _model_name(config, name: str, task: str | None) -> str:
+  """A HF param/module name inside the model HF PEFT wraps: the bare base model (``task='base'``,
+  e.g. ``BertModel``, ``LlamaModel``) has no base-model prefix."""
+  prefix = config.base_prefix + '.'
+  return name[len(prefix):] if task == 'base' and name.startswith(prefix) else name
+
+
+def _hf_params(config, flat, task: str | None = None) -> dict:
   """``{hf_name: (flax path tuple, layer or None, transpose)}`` for a flat tuple-keyed tree."""
   out = {}
   for path, leaf in flat.items():
     layers = range(leaf.shape[0]) if convert.is_scanned(config, path) else [None]
     for layer in layers:
       name, transpose = convert.hf_name(config, path, layer)
-      out[name] = (path, layer, transpose)
+      out[_model_name(config, name, task)] = (path, layer, transpose)
   return out
+
+
+def _hf_module(config, module: str, layer: int | None, task: str | None) -> str:
+  name, _ = convert.hf_name(config, tuple(module.split('/')) + ('kernel',), layer)
+  return _model_name(config, name.removesuffix('.weight'), task)
 
 
 def _layers(config, module: str, value) -> list[int | None]:
   """Layer indices of an adapter leaf at Flax ``module`` path (``[None]`` unless scanned)."""
   scanned = convert.is_scanned(config, tuple(module.split('/')) + ('kernel',))
   return list(range(value.shape[0])) if scanned else [None]
+
+
+def _tied_embedding(config, paths, causal: bool) -> str | None:
+  """Flax param path of the input embedding that the LM head reads (``tie_word_embeddings``),
+  or None."""
+  if not (causal and config.tie_word_embeddings):
+    return None
+  return heads.output_embedding(config, tree.unflatten({p: p for p in paths}))[0]
 
 
 def _suffixes(selected: set[str], universe: set[str]) -> list[str]:
@@ -86,118 +146,246 @@ def _infer_task(config, adapter) -> str:
   return 'causal_lm' if config.is_decoder else 'base'
 
 
-def save_adapter(directory, adapter, config, *, alpha: float | None = None,
-                 rslora: bool = False, dropout: float = 0.0, task: str | None = None,
+def _specs(spec: base.Spec | None) -> list[base.Spec]:
+  """The specs of the methods a (possibly composed) method is made of."""
+  if spec is None:
+    raise ValueError('save_adapter needs a method with a spec (method.spec is None)')
+  if spec.name != 'compose':
+    return [spec]
+  return [s for d in spec.hparams['methods'] for s in _specs(base.Spec.from_dict(d))]
+
+
+def _pattern_value(patterns, name: str, default):
+  """HF PEFT's ``rank_pattern``/``alpha_pattern`` lookup: the first key ``k`` for which
+  ``(.*\\.)?(k)$`` matches the HF module ``name`` (``peft.utils.other.get_pattern_key``)."""
+  return next((v for k, v in (patterns or {}).items() if re.match(rf'(.*\.)?({k})$', name)),
+              default)
+
+
+def save_adapter(directory, method: base.PeftMethod, adapter, base_config, *,
+                 task: str | None = None,
                  base_model_name_or_path: str | None = None) -> pathlib.Path:
-  """Writes ``adapter`` (LoRA/rsLoRA/DoRA or IA3, plus replaced base params as
-  ``modules_to_save``) as a HF PEFT directory that ``peft.PeftModel.from_pretrained`` loads.
+  """Writes ``adapter`` of ``method`` (LoRA/rsLoRA/DoRA or IA3, composed with
+  ``modules_to_save`` or ``bitfit``) as a HF PEFT directory that ``peft.PeftModel.
+  from_pretrained`` loads.
 
-  ``alpha``/``rslora``/``dropout`` are the ``lora(...)`` hyper-parameters (rank, DoRA and IA3's
-  feedforward modules are read off the adapter's shapes); ``task`` ('causal_lm',
-  'classification', 'value', 'base') sets ``task_type`` and defaults from the adapter's heads.
-
-  >>> save_adapter('/tmp/a', adapter, pre.config, alpha=16, rslora=True)  # doctest: +SKIP
+  The hyper-parameters (alpha, rsLoRA, DoRA, dropout, alpha patterns, weight tying) come from
+  ``method.spec``; ranks, IA3's feedforward modules, trained biases (HF's ``bias``) and
+  ``modules_to_save`` from the adapter. Per-module ranks and alphas are written as
+  ``rank_pattern``/``alpha_pattern`` keyed by escaped full module names. ``task`` ('causal_lm',
+  'classification', 'value', 'base') sets ``task_type`` and the module names (no base-model
+  prefix for 'base'); it defaults from the adapter's heads. Raises ValueError naming what HF
+  PEFT cannot represent.
   """
-  directory = pathlib.Path(directory)
+  config, directory = base_config, pathlib.Path(directory)
+  specs = _specs(method.spec)
+  cores = [s for s in specs if s.name in EXPORTABLE]
+  if len(cores) != 1 or any(s.name not in EXPORTABLE + _EXTRAS for s in specs):
+    raise ValueError(f'HF PEFT holds one LoRA or IA3 adapter (with modules_to_save or biases); '
+                     f'got methods {[s.name for s in specs]}')
+  core = cores[0]
+  is_ia3 = core.name == 'ia3'
+  tie = any(s.hparams.get('ensure_weight_tying') for s in specs if s.name == 'modules_to_save')
+  adapter = meta.unbox(adapter)
   task = task or _infer_task(config, adapter)
-  universe = {n.rsplit('.', 1)[0] for n in _hf_params(config, convert.param_shapes(config, task))}
+  shapes = convert.param_shapes(config, task)
+  params = _hf_params(config, shapes, task)
+  universe = {n.rsplit('.', 1)[0] for n in params}
   universe |= {'.'.join(n.split('.')[:k]) for n in universe for k in range(1, n.count('.') + 1)}
-  tensors, kinds, conv1d = {}, set(), False
-  targeted, feedforward, saved_modules, ranks = set(), set(), set(), set()
+  tensors, adapted, ranks, feedforward, replaced, conv1d = {}, {}, {}, set(), {}, False
   for module, leaves in base.by_module(adapter).items():
     mods = tuple(module.split('/'))
     for leaf, value in leaves.items():
-      value = np.asarray(value, np.float32)
+      value = np.asarray(jax.device_get(value), np.float32)
       for layer in _layers(config, module, value):
         v = value if layer is None else value[layer]
-        name, transpose = convert.hf_name(config, mods + ('kernel',), layer)
-        name = name.removesuffix('.weight')
+        name = _hf_module(config, module, layer, task)
         if name not in universe:
           raise ValueError(f'adapter module {module} ({name}) is not a module of '
                            f'{config.model_type} ({task})')
         if leaf in LEAVES:
-          suffix, transpose = LEAVES[leaf]
+          suffix, transpose, _ = LEAVES[leaf]
           key = f'{name}.{suffix}'
-          kinds.add('ia3' if leaf == 'ia3_l' else 'lora')
-          targeted.add(name)
+          adapted[name] = module
           conv1d |= any(m in config.conv1d for m in mods)
           if leaf == 'ia3_l' and v.shape[0] == 1:
             feedforward.add(name)
-          if leaf == 'lora_A':
-            ranks.add(v.shape[-1])
-        elif leaf in ('kernel', 'bias', 'scale', 'embedding'):
-          key, transpose = convert.hf_name(config, mods + (leaf,), layer)
-          saved_modules.add(name)
+          if leaf in ('lora_A', 'lora_embedding_A'):
+            ranks[name] = v.shape[-1]
+        elif leaf in _PARAM_LEAVES:
+          param = 'embedding' if leaf == INPUT_EMBEDDING else leaf
+          key, transpose = convert.hf_name(config, mods + (param,), layer)
+          key = _model_name(config, key, task)
+          replaced.setdefault(name, set()).add(param)
         else:
           raise ValueError(f'adapter leaf {module}/{leaf} has no Hugging Face PEFT equivalent')
-        tensors[PREFIX + key] = np.ascontiguousarray(v.T if transpose else v)
-  if len(kinds) != 1 or len(ranks) > 1:
-    raise ValueError(f'expected LoRA or IA3 leaves of one rank, got {sorted(kinds)} '
-                     f'ranks {sorted(ranks)}')
-  hf = {'peft_type': 'IA3' if kinds == {'ia3'} else 'LORA', 'task_type': TASK_TYPES[task],
+        tensors[key] = np.ascontiguousarray(v.T if transpose else v)
+  # A module whose only trained param is its bias is HF's ``bias`` option; others are saved whole.
+  biases = {n for n, p in replaced.items() if p == {'bias'} and f'{n}.weight' in params}
+  saved = set(replaced) - biases
+  if saved & set(adapted):
+    raise ValueError(f'HF PEFT cannot both adapt and save (modules_to_save) the modules '
+                     f'{sorted(saved & set(adapted))}')
+  all_biases = {n.removesuffix('.bias') for n in params if n.endswith('.bias')}
+  bias = ('none' if not biases else 'lora_only' if biases == all_biases & set(adapted)
+          else 'all' if biases == all_biases else None)
+  if is_ia3 and biases:
+    raise ValueError(f'HF PEFT trains no biases with IA3; this adapter trains those of '
+                     f'{sorted(biases)}')
+  if bias is None:
+    raise ValueError(f'HF PEFT trains all biases (bias="all") or those of the LoRA modules '
+                     f'(bias="lora_only"), not those of {sorted(biases)}')
+  for name in biases & set(adapted):   # a LoRA module's own params live under base_layer
+    tensors[f'{name}.base_layer.bias'] = tensors.pop(f'{name}.bias')
+  tied = _tied_embedding(config, ('/'.join(p) for p in shapes), task == 'causal_lm')
+  head_reads_copy = tie and tied in tree.flatten(adapter)
+  hf_ties = head_reads_copy and _ties_in_hf(config, tied)
+  if head_reads_copy:   # HF holds the head's copy as lm_head.weight (saved, if HF won't tie)
+    tensors[f'{_LM_HEAD}.weight'] = tensors[_param_key(config, tied, task)]
+    saved |= set() if hf_ties else {_LM_HEAD}
+  hf = {'peft_type': 'IA3' if is_ia3 else 'LORA', 'task_type': TASK_TYPES[task],
         'base_model_name_or_path': base_model_name_or_path, 'inference_mode': True,
-        'target_modules': sorted(set(_suffixes(targeted - feedforward, universe))
+        'target_modules': sorted(set(_suffixes(set(adapted) - feedforward, universe))
                                  | set(_suffixes(feedforward, universe))),
-        'fan_in_fan_out': conv1d,
-        'modules_to_save': sorted(saved_modules) or None}
-  if kinds == {'ia3'}:
+        'fan_in_fan_out': conv1d, 'modules_to_save': sorted(saved) or None}
+  if is_ia3:
+    if tie:
+      raise ValueError('ensure_weight_tying is a LoRA option of HF PEFT, not an IA3 one')
     hf.update(feedforward_modules=_suffixes(feedforward, universe), init_ia3_weights=True)
   else:
-    if alpha is None:
-      raise ValueError('save_adapter needs the LoRA alpha of the adapter (alpha=...)')
-    hf.update(r=ranks.pop(), lora_alpha=alpha, use_rslora=rslora, lora_dropout=dropout,
-              use_dora=any('lora_magnitude_vector' in l for l in base.by_module(adapter).values()),
-              bias='none', init_lora_weights=True)
+    h = {**{k: p.default for k, p in inspect.signature(lora).parameters.items()},
+         **core.hparams}
+    alphas = {n: _first_fullmatch(h['alpha_pattern'], adapted[n], h['alpha']) for n in ranks}
+    hf.update(r=h['rank'], lora_alpha=h['alpha'],
+              use_rslora=core.name == 'rslora' or h['rslora'],
+              use_dora=core.name == 'dora' or h['dora'], lora_dropout=h['dropout'],
+              rank_pattern={re.escape(n): r for n, r in sorted(ranks.items()) if r != h['rank']},
+              alpha_pattern={re.escape(n): a for n, a in sorted(alphas.items())
+                             if a != h['alpha']},
+              bias=bias, ensure_weight_tying=hf_ties, init_lora_weights=True)
   directory.mkdir(parents=True, exist_ok=True)
   (directory / CONFIG_FILE).write_text(json.dumps(hf, indent=2))
-  safetensors.numpy.save_file(tensors, str(directory / WEIGHTS_FILE), metadata={'format': 'pt'})
+  safetensors.numpy.save_file({PREFIX + k: v for k, v in tensors.items()},
+                              str(directory / WEIGHTS_FILE), metadata={'format': 'pt'})
   return directory
+
+
+def _ties_in_hf(config, embedding: str) -> bool:
+  """Whether HF PEFT's ``ensure_weight_tying`` ties the head to the embedding param path."""
+  return _param_key(config, embedding, None).split('.')[-2] in _HF_TIED_NAMES
+
+
+def _param_key(config, path: str, task: str | None) -> str:
+  """The HF key (inside the model HF PEFT wraps) of the unscanned Flax param ``path``."""
+  return _model_name(config, convert.hf_name(config, tuple(path.split('/')))[0], task)
+
+
+def _first_fullmatch(patterns, path: str, default):
+  """peftjax's pattern semantics (``lora``'s ``rank_pattern``/``alpha_pattern``): the value of
+  the first regex key that ``re.fullmatch``-es the module ``path``."""
+  return next((v for k, v in (patterns or {}).items() if re.fullmatch(k, path)), default)
 
 
 def read_config(directory) -> dict:
   """The ``adapter_config.json`` of a HF PEFT directory, checked for what peftjax supports."""
   directory = pathlib.Path(directory)
-  if not (directory / CONFIG_FILE).is_file():
+  file = directory / CONFIG_FILE
+  if not file.is_file():
     raise errors.CheckpointError(f'{directory}: no {CONFIG_FILE}; not a Hugging Face PEFT '
                                  'adapter directory')
-  hf = json.loads((directory / CONFIG_FILE).read_text())
+  hf = json.loads(file.read_text())
   if hf.get('peft_type') not in ('LORA', 'IA3'):
-    raise errors.CheckpointError(f'{directory / CONFIG_FILE}: unsupported peft_type '
-                                 f'{hf.get("peft_type")!r}; supported: LORA, IA3')
+    raise errors.CheckpointError(f'{file}: unsupported peft_type {hf.get("peft_type")!r}; '
+                                 'supported: LORA, IA3')
   for key, default in _UNSUPPORTED_OPTIONS.items():
     if hf.get(key, default) not in (default, None):
-      raise errors.CheckpointError(f'{directory / CONFIG_FILE}: {key}={hf[key]!r} is not '
-                                   f'supported (only {default!r})')
+      raise errors.CheckpointError(f'{file}: {key}={hf[key]!r} is not supported by peftjax '
+                                   f'(only {default!r})')
+  if hf.get('bias', 'none') not in _BIAS_MODES:
+    raise errors.CheckpointError(f'{file}: bias={hf["bias"]!r} is not supported by peftjax '
+                                 f'(one of {_BIAS_MODES})')
   return hf
 
 
-def modules_to_save(paths) -> base.PeftMethod:
+def _saved_leaf(path: str, ensure_weight_tying: bool) -> str:
+  """The adapter leaf holding the saved copy of base param ``path``."""
+  module, _, leaf = path.rpartition('/')
+  return f'{module}/{INPUT_EMBEDDING}' if leaf == 'embedding' and not ensure_weight_tying else path
+
+
+def _input_lookup(adapter_vars, module, call, ids, train):
+  """An ``nn.Embed`` lookup in the saved copy (what ``nn.Embed.__call__`` does)."""
+  del call, train
+  embedding, = nn.dtypes.promote_dtype(adapter_vars[INPUT_EMBEDDING], dtype=module.dtype,
+                                       inexact=False)
+  return jnp.take(embedding, ids, axis=0)
+
+
+def modules_to_save(paths, ensure_weight_tying: bool = False) -> base.PeftMethod:
   """HF PEFT's ``modules_to_save``: trainable copies of the base params at ``paths``.
 
-  >>> heads = modules_to_save(['score/kernel'])
-  >>> method = methods.compose(methods.lora(rank=8), heads)  # doctest: +SKIP
+  A copied param replaces the original wherever the model reads it, except an ``embedding``:
+  its copy (leaf ``<module>/input_embedding``) feeds only the module's input lookup, so a tied
+  LM head keeps reading the original embedding, as HF PEFT's ``ModulesToSaveWrapper`` does.
+  With ``ensure_weight_tying`` (HF PEFT's LoRA option) the copy replaces the embedding itself
+  and the tied head reads it too. Such an untied embedding copy cannot be merged (``merge`` is
+  None). Raises ValueError naming a path the base params lack.
+
+  >>> import jax, jax.numpy as jnp
+  >>> params = {'score': {'kernel': jnp.ones((4, 2))}, 'wte': {'embedding': jnp.ones((9, 4))}}
+  >>> heads = modules_to_save(['score/kernel', 'wte/embedding'])
+  >>> sorted(tree.flatten(heads.init(jax.random.key(0), params)))
+  ['score/kernel', 'wte/input_embedding']
+  >>> heads.spec.asdict()
+  {'name': 'modules_to_save', 'paths': ['score/kernel', 'wte/embedding'], 'ensure_weight_tying': False}
   """
-  return base.weight_space(lambda rng, params: tree.unflatten(
-      {p: jnp.copy(v) for p, v in tree.flatten(params).items() if p in paths}))
+  paths = sorted(paths)
+
+  def init(rng, params):
+    del rng
+    flat = tree.flatten(params)
+    missing = [p for p in paths if p not in flat]
+    if missing:
+      raise ValueError(f'modules_to_save: no base params at {missing}')
+    return tree.unflatten({_saved_leaf(p, ensure_weight_tying): jax.tree.map(jnp.copy, flat[p])
+                           for p in paths})
+
+  untied = any(_saved_leaf(p, ensure_weight_tying) != p for p in paths)
+  spec = base.Spec('modules_to_save', {'paths': paths, 'ensure_weight_tying': ensure_weight_tying})
+  method = base.weight_space(init, _input_lookup, leaves=(INPUT_EMBEDDING,), spec=spec)
+  return method._replace(merge=None) if untied else method
 
 
-def _expected(leaf: str, kernel_shape, r) -> set[tuple]:
-  """Shapes (HF orientation) that ``leaf`` may have for a kernel ``(in, out)``."""
-  d_in, d_out = kernel_shape[-2:]
+def _expected(leaf: str, weight_shape, r) -> set[tuple]:
+  """Shapes (HF orientation) that ``leaf`` may have for a weight ``(in, out)`` (a kernel) or
+  ``(vocab, dim)`` (an embedding)."""
+  d_in, d_out = weight_shape[-2:]
   return {'lora_A': {(r, d_in)}, 'lora_B': {(d_out, r)}, 'lora_magnitude_vector': {(d_out,)},
+          'lora_embedding_A': {(r, d_in)}, 'lora_embedding_B': {(d_out, r)},
           'ia3_l': {(d_out, 1), (1, d_in)}}[leaf]
+
+
+def _set_layers(value, by_layer: dict):
+  """``value`` (an array or an ``nn.Partitioned`` box) with ``by_layer`` ({layer or None:
+  array}) written in."""
+  if isinstance(value, meta.AxisMetadata):
+    return value.replace_boxed(_set_layers(value.unbox(), by_layer))
+  for layer, arr in by_layer.items():
+    value = jnp.asarray(arr, value.dtype) if layer is None else value.at[layer].set(arr)
+  return value
 
 
 def load_adapter(directory, params, config, rng=None) -> tuple[base.PeftMethod, dict]:
   """(method, adapter) from a HF PEFT directory, for the base ``params`` of ``config``.
 
-  The method adapts exactly the modules the file holds, with ``r``/``lora_alpha``/
-  ``use_rslora``/``use_dora``/``lora_dropout`` from ``adapter_config.json``; ``modules_to_save``
-  become adapter leaves replacing those params. Scanned layers missing from the file keep the
+  The method (its ``spec`` rebuilds it with ``methods.get``) adapts exactly the modules the
+  file holds, with ``r``/``lora_alpha``/``use_rslora``/``use_dora``/``lora_dropout`` from
+  ``adapter_config.json`` and ``rank_pattern``/``alpha_pattern`` expanded to explicit module
+  paths; ``modules_to_save`` and trained biases become adapter leaves replacing those params
+  (``ensure_weight_tying`` honoured); embedding/``lm_head`` base weights that HF PEFT saves
+  beside their LoRA factors must equal the base's. Scanned layers missing from the file keep the
   method's identity init (drawn from ``rng``). Raises ``CheckpointError`` naming the tensor for a
-  module the base lacks or a shape that does not fit it.
-
-  >>> method, adapter = load_adapter('/tmp/a', pre.params, pre.config)  # doctest: +SKIP
+  module the base lacks, a shape that does not fit it, or an unsupported option.
   """
   directory = pathlib.Path(directory)
   hf = read_config(directory)
@@ -208,20 +396,39 @@ def load_adapter(directory, params, config, rng=None) -> tuple[base.PeftMethod, 
   names = _hf_params(config, flat_params)
   prefix = config.base_prefix + '.'
   names.update({n[len(prefix):]: v for n, v in list(names.items()) if n.startswith(prefix)})
-  found, saved = {}, {}   # (flax module, leaf) / flax param path -> {layer: array}
+  tied = _tied_embedding(config, ('/'.join(p) for p in flat_params),
+                         hf.get('task_type') == 'CAUSAL_LM')
+  tie = bool(hf.get('ensure_weight_tying')) and tied is not None and _ties_in_hf(config, tied)
+  r_default, alpha_default = hf.get('r'), hf.get('lora_alpha')
+  found, saved, ranks, alphas = {}, {}, {}, {}   # keyed by (flax module, leaf) / param path
+  head_copy = None
   for key, value in safetensors.numpy.load_file(str(file)).items():
     name = key.removeprefix(PREFIX)
-    leaf = next((l for l, (s, _) in LEAVES.items() if name.endswith('.' + s)), None)
-    target = name[:-len(LEAVES[leaf][0])] + 'weight' if leaf else name
-    if target not in names or (leaf and names[target][0][-1] != 'kernel'):
-      raise errors.CheckpointError(f'{file}: tensor {key} names module '
-                                   f'{target.rsplit(".", 1)[0]}, which the base model lacks')
+    leaf = next((l for l, (s, _, _) in LEAVES.items() if name.endswith('.' + s)), None)
+    module = name[:-len(LEAVES[leaf][0]) - 1] if leaf else name.rpartition('.')[0]
+    base_layer = module.endswith('.base_layer')
+    module = module.removesuffix('.base_layer')
+    target = f'{module}.weight' if leaf else f'{module}.{name.rpartition(".")[2]}'
+    if tied and module == _LM_HEAD:
+      if not leaf and not base_layer:
+        head_copy = value   # the head's copy of the embedding (ensure_weight_tying) or its own
+        continue
+      raise errors.CheckpointError(
+          f'{file}: tensor {key}: this model ties lm_head to its input embedding '
+          f'({tied}, tie_word_embeddings=True), so peftjax has no separate lm_head to adapt or '
+          'save' + (' (ensure_weight_tying=True with LoRA on the tied embedding is not '
+                    'supported)' if hf.get('ensure_weight_tying') else ''))
+    if target not in names or (leaf and names[target][0][-1] != LEAVES[leaf][2]):
+      raise errors.CheckpointError(f'{file}: tensor {key} names module {module}, which the '
+                                   'base model lacks' + (f' as a {LEAVES[leaf][2]}' if leaf
+                                                         and target in names else ''))
     if leaf and (leaf == 'ia3_l') != (hf['peft_type'] == 'IA3'):
       raise errors.CheckpointError(f'{file}: tensor {key} in a {hf["peft_type"]} adapter')
     path, layer, transpose = names[target]
     shape = flat_params[path].shape[1:] if layer is not None else flat_params[path].shape
+    r = _pattern_value(hf.get('rank_pattern'), module, r_default)
     if leaf:
-      want, transpose = _expected(leaf, shape, hf.get('r')), LEAVES[leaf][1]
+      want, transpose = _expected(leaf, shape, r), LEAVES[leaf][1]
     else:
       want = {tuple(shape[::-1]) if transpose else tuple(shape)}
     if tuple(value.shape) not in want:
@@ -229,8 +436,22 @@ def load_adapter(directory, params, config, rng=None) -> tuple[base.PeftMethod, 
           f'{file}: tensor {key} has shape {tuple(value.shape)}, expected '
           f'{" or ".join(map(str, sorted(want)))} for the base model')
     value = value.T if transpose else value
+    flax_module = '/'.join(path[:-1])
     if leaf:
-      found.setdefault(('/'.join(path[:-1]), leaf), {})[layer] = value
+      if ranks.setdefault(flax_module, r) != r:
+        raise errors.CheckpointError(
+            f'{file}: {module} has LoRA rank {r} but other layers of the scanned module '
+            f'{flax_module} have rank {ranks[flax_module]}; per-layer ranks need '
+            'scan_layers=False')
+      alphas[flax_module] = _pattern_value(hf.get('alpha_pattern'), module, alpha_default)
+      found.setdefault((flax_module, leaf), {})[layer] = value
+    elif base_layer and path[-1] != 'bias':   # HF's save_embedding_layers: the base weight
+      base_value = flat_params[path] if layer is None else flat_params[path][layer]
+      if not np.array_equal(np.asarray(jnp.asarray(value, base_value.dtype)), base_value):
+        raise errors.CheckpointError(
+            f'{file}: tensor {key} (the base weight HF PEFT saves with an adapted embedding or '
+            f'lm_head) differs from the base model\'s {"/".join(path)}; load the adapter on the '
+            'base model it was trained from')
     else:
       saved.setdefault('/'.join(path), {})[layer] = value
   modules = sorted({m for m, _ in found})
@@ -239,21 +460,30 @@ def load_adapter(directory, params, config, rng=None) -> tuple[base.PeftMethod, 
     ff = [m for m in modules if next(iter(found[m, 'ia3_l'].values())).shape[0] == 1]
     method = ia3(target, '|'.join(re.escape(m) for m in ff) or None)
   else:
-    method = lora(rank=hf['r'], alpha=hf['lora_alpha'], target=target,
+    patterns = {k: {re.escape(m): v for m, v in sorted(values.items()) if v != default}
+                for k, values, default in (('rank_pattern', ranks, r_default),
+                                           ('alpha_pattern', alphas, alpha_default))}
+    method = lora(rank=r_default, alpha=alpha_default, target=target,
                   dropout=hf.get('lora_dropout', 0.0), rslora=hf.get('use_rslora', False),
-                  dora=hf.get('use_dora', False))
+                  dora=hf.get('use_dora', False), **{k: v for k, v in patterns.items() if v})
+  if head_copy is not None:   # the head reads the saved embedding copy, tied or not in HF
+    copy = saved.get(tied, {}).get(None)
+    if copy is None or not np.array_equal(copy, head_copy):
+      raise errors.CheckpointError(
+          f'{file}: tensor {PREFIX}{_LM_HEAD}.weight differs from the saved copy of {tied}; '
+          'this model ties lm_head to its input embedding (tie_word_embeddings=True), so '
+          'peftjax holds one copy for both')
+    tie = True
   if saved:
-    method = base.compose(method, modules_to_save(sorted(saved)))
+    method = base.compose(method, modules_to_save(sorted(saved), ensure_weight_tying=tie))
   adapter = tree.flatten(method.init(jax.random.key(0) if rng is None else rng, params))
-  loaded = {f'{m}/{l}': v for (m, l), v in found.items()} | saved
+  loaded = {f'{m}/{l}': v for (m, l), v in found.items()}
+  loaded |= {_saved_leaf(p, tie): v for p, v in saved.items()}
   for path, by_layer in loaded.items():
     if path not in adapter:
       raise errors.CheckpointError(f'{file}: {path} is not part of a {hf["peft_type"]} adapter '
                                    f'with use_dora={hf.get("use_dora", False)}')
-    value = adapter[path]
-    for layer, arr in by_layer.items():
-      value = jnp.asarray(arr, value.dtype) if layer is None else value.at[layer].set(arr)
-    adapter[path] = value
+    adapter[path] = _set_layers(adapter[path], by_layer)
   missing = sorted(set(adapter) - set(loaded))
   if missing:
     raise errors.CheckpointError(f'{file}: missing adapter tensors for {missing}')

@@ -196,9 +196,8 @@ def _export(config, workdir, method, adapter, pre, params):
   adapter tree; ``export.merged`` also writes the merged model as a plain HF checkpoint."""
   p = config.peft
   if config.export.adapter and p.method in hf_format.EXPORTABLE:
-    hf_format.save_adapter(workdir / 'adapter', adapter, pre.config, alpha=p.get('alpha'),
-                           rslora=p.method == 'rslora', dropout=p.get('dropout', 0.0),
-                           task=pre.task, base_model_name_or_path=str(config.model.source))
+    hf_format.save_adapter(workdir / 'adapter', method, adapter, pre.config, task=pre.task,
+                           base_model_name_or_path=str(config.model.source))
   elif config.export.adapter:
     (workdir / 'adapter').mkdir(exist_ok=True)
     safetensors.numpy.save_file({k: np.asarray(v) for k, v in tree.flatten(adapter).items()},
