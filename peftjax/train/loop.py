@@ -20,6 +20,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import numpy as np
 import safetensors.numpy
 import tqdm
@@ -85,21 +86,24 @@ def run(config, workdir) -> dict:
   overrides = dict(scan_layers=m.scan_layers, remat=m.remat)
   if task.model_task == 'classification':
     overrides['num_labels'] = m.num_labels
-  pre = auto.load_pretrained(m.source, task=task.model_task, dtype=DTYPES[m.dtype], **overrides)
+  mesh = sharding.mesh_from_config(config)
+  rules = sharding.rules_from_config(config)
+  # Every tensor is read straight into its shards; no whole tensor is placed on one device.
+  pre = auto.load_pretrained(m.source, task=task.model_task, dtype=DTYPES[m.dtype],
+                             shardings=lambda module: sharding.model_shardings(
+                                 module, mesh, rules)[1], **overrides)
   train_ds, eval_ds = task.datasets(config, pre.tokenizer)
   seq_len = task.seq_len(config)
   method = build_method(config.peft, pre)
 
-  mesh = sharding.mesh_from_config(config)
-  rules = sharding.rules_from_config(config)
   shards = mesh.shape['data'] * mesh.shape['fsdp']
   for name in ('batch_size', 'eval_batch_size'):
     if config.data[name] % shards:
       raise ValueError(f'config.data.{name}={config.data[name]} is not divisible by the '
                        f"mesh's data x fsdp = {shards} batch shards ({dict(mesh.shape)})")
   base_axes, base_shardings = sharding.model_shardings(pre.module, mesh, rules)
-  params = jax.device_put(pre.params, base_shardings)
-  pre = dataclasses.replace(pre, params=None)   # no second host copy of the base model
+  params = pre.params
+  pre = dataclasses.replace(pre, params=None)   # one reference to the base params
   optimizer = optim.make_optimizer(
       {**config.optim.to_dict(), 'total_steps': config.train.steps,
        'num_layers': pre.config.num_layers,
@@ -181,8 +185,7 @@ def run(config, workdir) -> dict:
   finally:
     bar.close()
     writer.close()
-  if jax.process_index() == 0:
-    _export(config, workdir, method, jax.device_get(state.adapter), pre, params)
+  _export(config, workdir, method, state.adapter, pre, params)   # every process: it gathers
   print(f'final eval: {json.dumps(final)}')
   return final
 
@@ -193,7 +196,21 @@ def _pad_id(tokenizer) -> int:
 
 def _export(config, workdir, method, adapter, pre, params):
   """LoRA-family and IA3 adapters in HF PEFT format; other methods as a flat safetensors of the
-  adapter tree; ``export.merged`` also writes the merged model as a plain HF checkpoint."""
+  adapter tree; ``export.merged`` also writes the merged model as a plain HF checkpoint.
+
+  Every process calls it: arrays sharded across processes are gathered to host memory (a
+  collective, ``process_allgather``); only process 0 writes.
+  """
+  def to_host(tree_):
+    return jax.tree.map(lambda x: multihost_utils.process_allgather(x, tiled=True)
+                        if isinstance(x, jax.Array) and not x.is_fully_addressable
+                        else jax.device_get(x), tree_)
+
+  adapter = to_host(adapter)
+  merged = config.export.merged and method.merge is not None
+  params = to_host(params) if merged else None
+  if jax.process_index() != 0:
+    return
   p = config.peft
   if config.export.adapter and p.method in hf_format.EXPORTABLE:
     hf_format.save_adapter(workdir / 'adapter', method, adapter, pre.config, task=pre.task,
@@ -204,6 +221,6 @@ def _export(config, workdir, method, adapter, pre, params):
                                 str(workdir / 'adapter' / 'peftjax_adapter.safetensors'))
   if config.export.merged and method.merge is None:
     print(f'export.merged: {config.peft.method} adds layers and cannot be merged; skipped')
-  elif config.export.merged:
-    auto.save_pretrained(workdir / 'merged', pre.config, method.merge(adapter, jax.device_get(params)),
+  elif merged:
+    auto.save_pretrained(workdir / 'merged', pre.config, method.merge(adapter, params),
                          pre.tokenizer, task=pre.task)
