@@ -22,11 +22,12 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from peftjax import methods, sharding
 from peftjax.train import loop
 from peftjax.train.checkpoint import Checkpointer, with_shardings
-from peftjax.train.state import TrainState, init_train_state, state_shardings
+from peftjax.train.state import TrainState, state_shardings
 from peftjax.train.step import make_eval_step, make_train_step
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))  # --import-mode=importlib: not on sys.path
@@ -158,18 +159,16 @@ def test_update_runs_after_the_optimizer_step_with_its_state():
 
 def test_method_state_is_sharded_like_the_adapter_and_checkpointed(tmp_path):
   mesh = sharding.make_mesh(2, 2, 2)
-  axes = {'layers_0': {'kernel': ('embed', 'mlp')}}
-  base = jax.device_put({'layers_0': {'kernel': np.eye(8, dtype=np.float32)}},
-                        sharding.tree_shardings(axes, {'layers_0': {'kernel': np.zeros((8, 8))}},
-                                                mesh, sharding.DEFAULT_RULES))
-  lora_init = lambda rng, base: {'layers_0': {'lora_A': jax.random.normal(rng, (8, 2)),
-                                              'lora_B': jnp.ones((2, 8))}}
-  state, state_sh = init_train_state(lora_init, optax.adam(1e-2), jax.random.key(0), base, axes,
-                                     mesh, init_state=init_state)
-  assert state_sh.method_state['ema'] == state_sh.adapter
-  assert state_sh.adapter['layers_0']['lora_A'].spec != state_sh.method_state['count'].spec
-  for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(state_sh)):
-    assert got.sharding == want
+  adapter_sh = {'layers_0': {'lora_A': NamedSharding(mesh, P('fsdp', None)),
+                             'lora_B': NamedSharding(mesh, P(None, 'tensor'))}}
+  create = lambda: TrainState.create(
+      {'layers_0': {'lora_A': jax.random.normal(jax.random.key(0), (8, 2)),
+                    'lora_B': jnp.ones((2, 8))}}, optax.adam(1e-2), jax.random.key(1),
+      init_state=init_state)
+  state_sh = state_shardings(jax.eval_shape(create), adapter_sh, mesh)
+  assert state_sh.method_state == {'ema': adapter_sh, 'count': sharding.replicated(mesh),
+                                   'step': sharding.replicated(mesh)}
+  state = jax.jit(create, out_shardings=state_sh)()
   state = state.replace(method_state={**state.method_state, 'count': jnp.int32(5),
                                       'ema': jax.tree.map(lambda x: x + 0.5, state.adapter)})
   ckpt = Checkpointer(str(tmp_path), save_every=1)
