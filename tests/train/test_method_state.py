@@ -135,10 +135,11 @@ def test_update_runs_after_the_optimizer_step_with_its_state():
   before = jax.tree.map(np.asarray, params)
   grads = jax.grad(lambda a: loss(a, params, batch, None)[0] + regularizer(a))(state.adapter)
   first, _ = step(state, params, batch)
-  # Step 1: the update saw the SGD-updated adapter and this step's gradients.
+  # Step 1: the update saw the SGD-updated adapter and this step's gradients (measured: 1.3e-6
+  # relative, eager against jitted gradients).
   stepped = jax.tree.map(lambda w, g: w - lr * g, state.adapter, grads)
   jax.tree.map(lambda e, w, g: np.testing.assert_allclose(e, (1 - DECAY) * np.abs(w * g),
-                                                          rtol=1e-6, atol=1e-9),
+                                                          rtol=3e-6, atol=1e-9),
                first.method_state['ema'], stepped, grads)
   states = [first]
   for _ in range(5):
