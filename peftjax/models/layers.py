@@ -1,13 +1,16 @@
 """Building blocks shared by every model family: parameters with logical axes, norms, RoPE,
-masks, the KV cache and the attention core (GQA, prefix key/values, cache update).
+masks, the KV cache and the attention core (GQA, prefix key/values, cache update, and
+``jax.nn.dot_product_attention`` with the einsum reference).
 
 Every projection is a plain ``nn.Dense`` named as in Hugging Face, so PEFT methods can intercept
 it by module path. ``model.init`` returns ``nn.Partitioned`` boxes carrying logical axis names;
 ``flax.core.meta.unbox`` (or ``nn.unbox``) turns them into plain arrays, which is what
 ``apply`` and ``convert.params_from_hf`` use.
 
->>> cache = init_cache(config, batch=2, max_len=16)      # doctest: +SKIP
->>> cache.k.shape        # [layers, batch, max_len, kv_heads, head_dim]   # doctest: +SKIP
+>>> q = k = v = jnp.ones((1, 3, 2, 4))                 # [batch, seq, heads, head_dim]
+>>> causal = jnp.tril(jnp.ones((3, 3), bool))[None]    # [batch, q_len, kv_len]
+>>> dot_product_attention(q, k, v, causal, impl='xla').shape
+(1, 3, 2, 4)
 """
 from __future__ import annotations
 

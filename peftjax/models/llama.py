@@ -194,8 +194,15 @@ class LlamaBlock(nn.Module):
 class LlamaModel(nn.Module):
   """The decoder stack (``embed_tokens``, ``layers``, ``norm``); ``attend`` ties the LM head.
 
-  >>> out = LlamaModel(config).apply(variables, ids, attention_mask=mask)  # doctest: +SKIP
-  >>> out.hidden.shape       # [batch, seq, hidden]                        # doctest: +SKIP
+  >>> import jax
+  >>> config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
+  ...                      num_heads=4, num_kv_heads=2)
+  >>> ids = jnp.ones((2, 7), jnp.int32)
+  >>> variables = LlamaModel(config).init(jax.random.key(0), ids)
+  >>> LlamaModel(config).apply(variables, ids).hidden.shape       # [batch, seq, hidden]
+  (2, 7, 32)
+
+  Hooks (``hooks.py``): ``prompt_embeds``, ``keep_virtual``, ``prefix_kv``, ``prefix_mask``.
   """
   config: LlamaConfig
 
