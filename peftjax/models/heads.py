@@ -10,9 +10,27 @@
 - ``ValueHead``: one scalar per token for decoders (``score`` with one label, so it loads as a
   HF reward model), one per sequence for encoders.
 
->>> module = CausalLM(config, LlamaModel)                        # doctest: +SKIP
->>> module.apply({'params': params}, ids, attention_mask=mask).logits.shape   # doctest: +SKIP
+>>> import jax
+>>> from peftjax.models import llama
+>>> config = llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+...                            num_layers=1, num_heads=4, num_kv_heads=2)
+>>> module = CausalLM(config, llama.LlamaModel)
+>>> ids = jnp.ones((2, 7), jnp.int32)
+>>> params = nn.meta.unbox(module.init(jax.random.key(0), ids)['params'])
+>>> out = module.apply({'params': params}, ids)
+>>> out.logits.shape
 (2, 7, 64)
+>>> bool(jnp.allclose(module.apply({'params': params}, out.hidden, method='head'), out.logits))
+True
+>>> kernel, tied = output_embedding(config, params)
+>>> kernel.shape, tied
+((32, 64), False)
+>>> from peftjax import methods
+>>> adapter = methods.lora(rank=2, target='lm_head').init(jax.random.key(1), params)
+>>> sorted(head_adapter(config, adapter, params)['lm_head'])     # the head is adapted
+['lora_A', 'lora_B']
+>>> print(head_adapter(config, methods.full().init(jax.random.key(1), params), params))
+None
 """
 from __future__ import annotations
 
@@ -41,7 +59,7 @@ def output_embedding(config, params):
   """The LM head weight as ``(array, tied)``: ``lm_head/kernel`` [embed, vocab] (``tied=False``)
   or the tied input embedding [vocab, embed] (``tied=True``); what a chunked LM loss needs.
 
-  >>> kernel, tied = output_embedding(pre.config, pre.params)   # doctest: +SKIP
+  (Example: the module docstring.)
   """
   tied = bool(config.tie_word_embeddings)
   module = functools.reduce(operator.getitem, families.output_head(config, tied).split('/'),
@@ -58,8 +76,7 @@ def head_adapter(config, adapter, params):
   Tied models: HF's LM head is the input embedding's ``attend``, which adapters on the embedding
   leave alone (they wrap its token lookup, as HF PEFT's LoRA on ``embed_tokens``): always None.
 
-  >>> head_adapter(pre.config, lora_on_lm_head, pre.params)   # doctest: +SKIP
-  {'lm_head': {'lora_A': ..., 'lora_B': ...}}
+  (Example: the module docstring.)
   """
   if config.tie_word_embeddings:
     return None

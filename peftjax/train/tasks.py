@@ -110,7 +110,7 @@ def _lm_head(apply, config, adapter, params, rng):
     kernel, tied = heads.output_embedding(config, methods_base.substitute(adapter, params))
     return kernel, tied, None
 
-  def head(h, i):
+  def head(h, i):   # the head's part of the adapter only: the call reaches no other module
     kw = {} if rng is None else {'rngs': {'dropout': jax.random.fold_in(rng, i)}}
     return apply(head_adapter, params, h, method='head', **kw)
   return None, None, head
@@ -125,9 +125,20 @@ def lm_logprobs(apply, config, adapter, params, hidden, labels, mask=None, *, rn
 
   ``apply``: the PEFT-applied model call; ``rng``: dropout for the head's adapters (training).
 
-  >>> lp = lm_logprobs(apply, pre.config, adapter, params, hidden, labels, mask)  # doctest: +SKIP
-  >>> lp.sequence.shape                                                           # doctest: +SKIP
-  (8,)
+  >>> from peftjax import methods
+  >>> from peftjax.models import llama
+  >>> config = llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+  ...                            num_layers=1, num_heads=4, num_kv_heads=2)
+  >>> module = heads.CausalLM(config, llama.LlamaModel)
+  >>> ids = jnp.ones((2, 7), jnp.int32)
+  >>> params = module.init(jax.random.key(0), ids)['params']
+  >>> lora = methods.lora(rank=2, target='lm_head')
+  >>> adapter, apply = lora.init(jax.random.key(1), params), lora.apply(module.apply)
+  >>> labels, mask = lm_obj.next_token_targets(ids)
+  >>> hidden = apply(adapter, params, ids).hidden
+  >>> lp = lm_logprobs(apply, config, adapter, params, hidden, labels, mask)
+  >>> lp.token.shape, lp.sequence.shape, lp.count.tolist()
+  ((2, 7), (2,), [6.0, 6.0])
   """
   kernel, tied, head = _lm_head(apply, config, adapter, params, rng)
   if head is not None:
