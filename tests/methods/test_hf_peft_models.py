@@ -4,14 +4,13 @@ import re
 
 import jax
 import numpy as np
+import peft
 import pytest
+import torch
+import transformers
 
 from peftjax import methods, tree
-
-peft = pytest.importorskip('peft')
-torch = pytest.importorskip('torch')
-transformers = pytest.importorskip('transformers')
-auto = pytest.importorskip('peftjax.models.auto')
+from peftjax.models import auto
 
 SPECS = {
     'llama': (transformers.LlamaConfig, dict(
