@@ -9,7 +9,6 @@ Everything is explicit data: a mesh built from config sizes, an ordered tuple of
 P(('data', 'fsdp'),)
 """
 import math
-import re
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -36,9 +35,6 @@ DEFAULT_RULES = (
     ('norm', None),
 )
 
-_INPUT_FACTOR = re.compile(r'(^|_)(a|down)$', re.IGNORECASE)   # lora_A, lora_embedding_A, down
-_OUTPUT_FACTOR = re.compile(r'(^|_)(b|up)$', re.IGNORECASE)    # lora_B, lora_embedding_B, up
-_BASE_LEAVES = ('kernel', 'embedding', 'scale', 'bias')
 
 
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> Mesh:
@@ -131,8 +127,8 @@ def model_shardings(module: nn.Module, mesh: Mesh, rules=DEFAULT_RULES) -> tuple
 def sharded_init(init_fn, mesh: Mesh, rules, *args):
   """Runs a Linen `init_fn(*args)` directly into its shardings; nothing is materialised unsharded.
 
-  Returns `(variables, shardings, axes)` with boxes removed; `axes` (logical names per leaf) is what
-  `adapter_axes` needs to derive adapter shardings.
+  Returns `(variables, shardings, axes)` with boxes removed; `boxed(params, axes)` gives a
+  `PeftMethod.init` the axes its adapters take.
   """
   boxed = jax.eval_shape(init_fn, *args)
   axes = logical_axes(boxed)
@@ -141,71 +137,16 @@ def sharded_init(init_fn, mesh: Mesh, rules, *args):
   return init(*args), shardings, axes
 
 
-def _match_prefix(shape, base_shape, base_axes, limit):
-  k = 0
-  while k < min(limit, len(base_shape)) and shape[k] == base_shape[k]:
-    k += 1
-  return tuple(base_axes[:k]) + (None,) * (len(shape) - k) if k else None
+def boxed(params, axes) -> Any:
+  """``params`` boxed as ``nn.Partitioned`` with their logical ``axes`` (the inverse of
+  ``logical_axes``): what a ``PeftMethod.init`` reads its adapters' axes from.
 
-
-def _match_suffix(shape, base_shape, base_axes, limit):
-  k = 0
-  while k < min(limit, len(base_shape)) and shape[-1 - k] == base_shape[-1 - k]:
-    k += 1
-  return (None,) * (len(shape) - k) + tuple(base_axes[len(base_axes) - k:]) if k else None
-
-
-def _derive_axes(name: str, shape, base_shape, base_axes):
-  """Logical axes of an adapter leaf from the base kernel it belongs to (rank dims get None)."""
-  shape, base_shape, base_axes = tuple(shape), tuple(base_shape), tuple(base_axes)
-  if base_axes[:1] == ('layers',) and shape[:1] == base_shape[:1]:
-    return base_axes[:1] + _derive_axes(name, shape[1:], base_shape[1:], base_axes[1:])
-  if _INPUT_FACTOR.search(name):  # (*in_dims, rank)
-    return _match_prefix(shape, base_shape, base_axes, len(shape) - 1) or (None,) * len(shape)
-  if _OUTPUT_FACTOR.search(name):  # (rank, *out_dims)
-    return _match_suffix(shape, base_shape, base_axes, len(shape) - 1) or (None,) * len(shape)
-  if shape == base_shape:
-    return base_axes
-  if 1 in shape:  # broadcast dims, e.g. IA3's (1, out) or (out, 1), stay replicated
-    kept = [i for i, d in enumerate(shape) if d != 1]
-    axes = dict(zip(kept, _derive_axes(name, [shape[i] for i in kept], base_shape, base_axes)))
-    return tuple(axes.get(i) for i in range(len(shape)))
-  for match in (_match_suffix, _match_prefix):  # vectors: the output axis they scale, else input
-    axes = match(shape, base_shape, base_axes, len(shape))
-    if axes is not None:
-      return axes
-  return (None,) * len(shape)
-
-
-def adapter_axes(adapter_shapes, base_shapes, base_axes) -> Any:
-  """Logical axes for each adapter leaf, derived from the base param it belongs to.
-
-  Adapter paths mirror base paths: `.../q_proj/lora_A` belongs to `.../q_proj/kernel` (or the
-  module's `embedding`, `scale`, `bias`); a leaf whose own path is a base path (full fine-tuning,
-  BitFit) takes that param's axes. LoRA A follows the kernel's input axes, B its output axes, the
-  rank axis is replicated; vectors follow the axis they match; unrelated leaves are replicated.
-
-  >>> base = {'q': {'kernel': np.zeros((16, 8))}}
-  >>> axes = {'q': {'kernel': ('embed', 'heads')}}
-  >>> adapter = {'q': {'lora_A': np.zeros((16, 2)), 'lora_B': np.zeros((2, 8))}}
-  >>> adapter_axes(adapter, base, axes)
-  {'q': {'lora_A': ('embed', None), 'lora_B': (None, 'heads')}}
+  >>> boxed({'w': np.zeros((2, 4))}, {'w': ('embed', 'mlp')})['w'].names
+  ('embed', 'mlp')
   """
-  flat_shapes = traverse_util.flatten_dict(base_shapes)
-  flat_axes = traverse_util.flatten_dict(base_axes)
-
-  def derive(path, leaf):
-    shape = tuple(np.shape(leaf))
-    keys = tuple(getattr(k, 'key', getattr(k, 'name', k)) for k in path)
-    if keys in flat_axes and tuple(np.shape(flat_shapes[keys])) == shape:
-      return flat_axes[keys]
-    for base_leaf in _BASE_LEAVES:
-      key = keys[:-1] + (base_leaf,)
-      if key in flat_axes:
-        return _derive_axes(str(keys[-1]), shape, np.shape(flat_shapes[key]), flat_axes[key])
-    return (None,) * len(shape)
-
-  return jax.tree_util.tree_map_with_path(derive, adapter_shapes)
+  is_axes = lambda x: isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
+  return jax.tree.map(lambda a, v: nn.Partitioned(v, a), axes, nn.meta.unbox(params),
+                      is_leaf=is_axes)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -44,14 +44,16 @@ class ToyLM(nn.Module):
 
 
 def lora_init(rng, base):
+  """Factors declaring their logical axes from the (boxed) kernel they adapt."""
   adapter = {}
   for i in range(LAYERS):
     for name in ('up', 'down'):
-      d_in, d_out = base[f'layers_{i}'][name]['kernel'].shape
+      kernel = base[f'layers_{i}'][name]['kernel']
+      (d_in, d_out), (ax_in, ax_out) = kernel.value.shape, kernel.names
       rng, ka, kb = jax.random.split(rng, 3)
       adapter.setdefault(f'layers_{i}', {})[name] = {
-          'lora_A': jax.random.normal(ka, (d_in, RANK)) * 0.3,
-          'lora_B': jax.random.normal(kb, (RANK, d_out)) * 0.3}
+          'lora_A': nn.Partitioned(jax.random.normal(ka, (d_in, RANK)) * 0.3, (ax_in, None)),
+          'lora_B': nn.Partitioned(jax.random.normal(kb, (RANK, d_out)) * 0.3, (None, ax_out))}
   return adapter
 
 
@@ -111,25 +113,48 @@ def test_fsdp8_params_take_an_eighth_per_device():
   assert per_device / total == pytest.approx((3072 / 8 + 2 * EMBED) / (3072 + 2 * EMBED))
 
 
-def test_adapter_axes_follow_base_params():
-  base = {'layers': {'q': {'kernel': np.zeros((3, 16, 4, 8))},  # scanned DenseGeneral
-                     'o': {'kernel': np.zeros((3, 32, 16))}},
-          'embed_tokens': {'embedding': np.zeros((64, 16))}, 'norm': {'scale': np.zeros(16)}}
-  axes = {'layers': {'q': {'kernel': ('layers', 'embed', 'heads', 'head_dim')},
-                     'o': {'kernel': ('layers', 'mlp', 'embed')}},
-          'embed_tokens': {'embedding': ('vocab', 'embed')}, 'norm': {'scale': ('norm',)}}
-  adapter = {'layers': {'q': {'lora_A': np.zeros((3, 16, 2)), 'lora_B': np.zeros((3, 2, 4, 8))},
-                        'o': {'ia3_l': np.zeros((3, 16)), 'ia3_in': np.zeros((3, 1, 32)), 'gate': np.zeros(()),
-                              'lora_A': np.zeros((3, 32, 16)), 'lora_B': np.zeros((3, 1, 16))}},
-             'embed_tokens': {'lora_embedding_A': np.zeros((64, 2)), 'lora_embedding_B': np.zeros((2, 16))},
-             'norm': {'scale': np.zeros(16)}, 'prompt': {'embedding': np.zeros((5, 16))}}
-  got = sharding.adapter_axes(adapter, base, axes)
-  assert got == {
-      'layers': {'q': {'lora_A': ('layers', 'embed', None), 'lora_B': ('layers', None, 'heads', 'head_dim')},
-                 'o': {'ia3_l': ('layers', 'embed'), 'ia3_in': ('layers', None, 'mlp'), 'gate': (),
-                       'lora_A': ('layers', 'mlp', None), 'lora_B': ('layers', None, 'embed')}},  # rank 16, 1
-      'embed_tokens': {'lora_embedding_A': ('vocab', None), 'lora_embedding_B': (None, 'embed')},
-      'norm': {'scale': ('norm',)}, 'prompt': {'embedding': (None, None)}}
+def test_adapter_axes_are_declared_at_init_from_the_adapted_weight(flax_model):
+  """Houlsby, LoRA (incl. embeddings), DoRA and IA3 box their leaves with the logical axes of the
+  weight they adapt (scanned: the 'layers' axis first); nothing is guessed from names."""
+  from peftjax import methods
+  fm = flax_model('llama_gqa', scan_layers=True)
+  boxed = jax.eval_shape(fm.module.init, jax.random.key(0), jnp.ones((1, 2), jnp.int32))['params']
+  init = lambda m: sharding.logical_axes(jax.eval_shape(m.init, jax.random.key(0), boxed))
+  layer = lambda axes: axes['model']['layers']
+  houlsby = layer(init(methods.get('houlsby', model_type='llama', bottleneck=4)))
+  assert houlsby['self_attn']['o_proj'] == {   # o_proj kernel: ('layers', 'heads', 'embed')
+      'adapter_down': ('layers', 'embed', None), 'adapter_down_bias': ('layers', None),
+      'adapter_up': ('layers', None, 'embed'), 'adapter_up_bias': ('layers', 'embed')}
+  assert houlsby['input_layernorm'] == {'scale': ('layers', 'norm')}
+  dora = init(methods.compose(
+      methods.lora(rank=2, target='.*/(k_proj|down_proj)', dora=True),
+      methods.lora(rank=2, target='model/embed_tokens', rank_pattern={'model/embed_tokens': 3})))
+  assert layer(dora)['self_attn']['k_proj'] == {
+      'lora_A': ('layers', 'embed', None), 'lora_B': ('layers', None, 'kv_heads'),
+      'lora_magnitude_vector': ('layers', 'kv_heads')}
+  assert layer(dora)['mlp']['down_proj']['lora_A'] == ('layers', 'mlp', None)
+  assert dora['model']['embed_tokens'] == {'lora_embedding_A': ('vocab', None),
+                                          'lora_embedding_B': (None, 'embed')}
+  ia3 = layer(init(methods.get('ia3', model_type='llama')))
+  assert ia3['self_attn']['k_proj'] == {'ia3_l': ('layers', 'kv_heads', None)}
+  assert ia3['mlp']['down_proj'] == {'ia3_l': ('layers', None, 'mlp')}   # feedforward: input
+
+
+def test_multi_axis_dense_general_is_refused_at_init_and_merge():
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.DenseGeneral((2, 4), kernel_init=dense_init(('embed', 'heads', 'head_dim')),
+                             name='q_proj')(x)
+  from peftjax import methods
+  boxed = Net().init(jax.random.key(0), jnp.ones((1, 8)))['params']
+  with pytest.raises(ValueError, match=r'q_proj: adapters support weights with one input and '
+                                       r'one output axis .* shape \(8, 2, 4\)'):
+    methods.lora(rank=2, target='q_proj').init(jax.random.key(0), boxed)
+  bad = {'q_proj': {'lora_A': jnp.zeros((8, 2)), 'lora_B': jnp.zeros((2, 8))}}
+  with pytest.raises(ValueError, match=r'q_proj: LoRA factors \(8, 2\) x \(2, 8\) do not fit '
+                                       r'kernel \(8, 2, 4\)'):
+    methods.lora(rank=2, target='q_proj').merge(bad, boxed)
 
 
 def test_undividable_dims_are_replicated_and_rules_are_data():
@@ -162,12 +187,15 @@ def test_process_slices_and_global_batch():
   assert not sharding.maybe_initialize_distributed(None)
 
 
-@pytest.mark.parametrize('sizes', [(1, 8, 1), (2, 2, 2)])
-def test_zoo_llama_lora_sharded_equals_single_device(sizes, flax_model):
-  """The real path: zoo llama, methods.lora, chunked loss, shardings from logical axes."""
+@pytest.mark.parametrize('sizes,name', [((1, 8, 1), 'lora'), ((2, 2, 2), 'lora'),
+                                        ((2, 2, 2), 'dora'), ((1, 2, 4), 'ia3'),
+                                        ((1, 2, 4), 'houlsby')])
+def test_zoo_llama_sharded_equals_single_device(sizes, name, flax_model):
+  """The real path: zoo llama, a method, chunked loss, shardings from declared logical axes."""
   from peftjax import methods
   fm = flax_model('llama_gqa')
-  method = methods.get('lora', rank=4, alpha=8.0)
+  kwargs = {'lora': dict(rank=4, alpha=8.0), 'dora': dict(rank=4), 'houlsby': dict(bottleneck=4)}
+  method = methods.get(name, model_type='llama', **kwargs.get(name, {}))
   apply = method.apply(fm.module.apply)
   ids = np.random.RandomState(0).randint(1, 97, (8, 8)).astype(np.int32)
 
@@ -187,10 +215,12 @@ def test_zoo_llama_lora_sharded_equals_single_device(sizes, flax_model):
     for _ in range(3):
       state, metrics = step(state, base, sharding.global_batch({'ids': ids}, mesh))
       losses.append(float(metrics['loss']))
-    return np.array(losses), jax.device_get(state.adapter)
+    specs = {tuple(l.sharding.spec) for l in jax.tree.leaves(state.adapter)}
+    return np.array(losses), jax.device_get(state.adapter), specs
 
-  ref_losses, ref_adapter = run(sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1]))
-  losses, adapter = run(sharding.make_mesh(*sizes))
+  ref_losses, ref_adapter, _ = run(sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+  losses, adapter, specs = run(sharding.make_mesh(*sizes))
+  assert any(any(spec) for spec in specs), specs   # declared axes shard some adapter leaves
   assert ref_losses[-1] < ref_losses[0]
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), adapter,

@@ -3,12 +3,15 @@
 >>> from peftjax import methods
 >>> lora = methods.get('lora', rank=8, model_type='llama')  # HF PEFT's default targets
 >>> both = methods.compose(lora, methods.get('bitfit'))
+>>> from_spec(both.spec).spec == both.spec    # a method's spec rebuilds it
+True
 """
 import functools
 
 from peftjax.methods import targets
 from peftjax.methods.adapter import bottleneck_adapter
-from peftjax.methods.base import ADAPTER, PeftMethod, by_module, compose, substitute, weight_space
+from peftjax.methods.base import (ADAPTER, PeftMethod, Spec, by_module, compose, substitute,
+                                  weight_space)
 from peftjax.methods.bitfit import bitfit
 from peftjax.methods.full import full
 from peftjax.methods.ia3 import ia3
@@ -41,3 +44,11 @@ def get(name: str, model_type: str | None = None, **kwargs) -> PeftMethod:
     for kwarg, key in _DEFAULT_TARGET_KWARGS.get(name, ()):
       kwargs.setdefault(kwarg, targets.default_target(key, model_type))
   return METHODS[name](**kwargs)
+
+
+def from_spec(spec: Spec | dict) -> PeftMethod:
+  """The method a ``Spec`` (or its ``asdict()``) describes; ``compose`` specs recurse."""
+  spec = spec if isinstance(spec, Spec) else Spec.from_dict(spec)
+  if spec.name == 'compose':
+    return compose(*(from_spec(s) for s in spec.hparams['methods']))
+  return get(spec.name, **spec.hparams)

@@ -15,8 +15,6 @@ RMSNorm) into the adapter, where they replace the base ones. Not mergeable (``me
 {'adapter_down': (6, 2), 'adapter_down_bias': (2,), 'adapter_up': (2, 6),
  'adapter_up_bias': (6,)}
 """
-from typing import Callable
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -26,6 +24,7 @@ from peftjax.methods import base, targets
 
 
 _LEAVES = ('adapter_down', 'adapter_down_bias', 'adapter_up', 'adapter_up_bias')
+ACTIVATIONS = {'relu': jax.nn.relu, 'gelu': jax.nn.gelu, 'silu': jax.nn.silu, 'tanh': jnp.tanh}
 
 
 def _norm_params(params) -> dict:
@@ -33,25 +32,35 @@ def _norm_params(params) -> dict:
   flat = tree.flatten(nn.meta.unbox(params))
   norms = {p[:-len('/scale')] for p in flat
            if p.endswith('/scale') and p[:-len('scale')] + 'kernel' not in flat}
-  return {p: jnp.copy(v) for p, v in flat.items() if p.rpartition('/')[0] in norms}
+  return {p: jax.tree.map(jnp.copy, v) for p, v in tree.flatten(params).items()
+          if p.rpartition('/')[0] in norms}
 
 
-def bottleneck_adapter(target: str, bottleneck: int = 64, activation: Callable = nn.relu,
+def bottleneck_adapter(target: str, bottleneck: int = 64, activation: str = 'relu',
                        train_norms: bool = False) -> base.PeftMethod:
-  """Residual bottleneck after each Dense whose module path matches ``target``; with
-  ``train_norms`` the norm layers' params are trained too (``methods.get('houlsby')``)."""
+  """Residual bottleneck after each Dense whose module path matches ``target``; ``activation``
+  names one of ``ACTIVATIONS``; with ``train_norms`` the norm layers' params are trained too
+  (``methods.get('houlsby')``)."""
   if not isinstance(bottleneck, int) or bottleneck <= 0:
     raise ValueError(f'adapter bottleneck must be a positive int, got {bottleneck!r}')
+  if activation not in ACTIVATIONS:
+    raise ValueError(f'adapter activation {activation!r} unknown; known: {sorted(ACTIVATIONS)}')
+  act = ACTIVATIONS[activation]
+  spec = base.Spec('houlsby' if train_norms else 'pfeiffer', dict(
+      target=target, bottleneck=bottleneck, activation=activation, train_norms=train_norms))
 
   def init(rng, params):
     adapter = {}
-    for path, w, key in targets.keyed(rng, targets.linear_kernels(params, target)):
-      *stack, _, d_out = w.shape
-      down = 1e-2 * jax.random.truncated_normal(key, -2.0, 2.0, (*stack, d_out, bottleneck))
-      adapter.update({f'{path}/adapter_down': down,
-                      f'{path}/adapter_down_bias': jnp.zeros((*stack, bottleneck)),
-                      f'{path}/adapter_up': jnp.zeros((*stack, bottleneck, d_out)),
-                      f'{path}/adapter_up_bias': jnp.zeros((*stack, d_out))})
+    for path, w, key in targets.keyed(rng, targets.modules(params, target)):
+      d_out = w.value.shape[-1]
+      down = 1e-2 * jax.random.truncated_normal(key, -2.0, 2.0, (*w.stack, d_out, bottleneck))
+      adapter.update({
+          f'{path}/adapter_down': targets.box(down, w.axes('out', None)),
+          f'{path}/adapter_down_bias': targets.box(jnp.zeros((*w.stack, bottleneck)),
+                                                   w.axes(None)),
+          f'{path}/adapter_up': targets.box(jnp.zeros((*w.stack, bottleneck, d_out)),
+                                            w.axes(None, 'out')),
+          f'{path}/adapter_up_bias': targets.box(jnp.zeros((*w.stack, d_out)), w.axes('out'))})
     if train_norms:
       adapter.update(_norm_params(params))
     return tree.unflatten(adapter)
@@ -61,7 +70,7 @@ def bottleneck_adapter(target: str, bottleneck: int = 64, activation: Callable =
     y = call(x)
     y_, down, down_bias, up, up_bias = nn.dtypes.promote_dtype(
         y, *(adapter_vars[k] for k in _LEAVES), dtype=module.dtype)
-    return y + (activation(y_ @ down + down_bias) @ up + up_bias).astype(y.dtype)
+    return y + (act(y_ @ down + down_bias) @ up + up_bias).astype(y.dtype)
 
-  return base.weight_space(init, hook, leaves=_LEAVES, merge=None)
+  return base.weight_space(init, hook, leaves=_LEAVES, merge=None, spec=spec)
 

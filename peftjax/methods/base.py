@@ -95,16 +95,17 @@ class PeftMethod(NamedTuple):
 
 
 def substitute(adapter, params):
-  """``params`` with every leaf that ``adapter`` holds at the same path replaced by it."""
-  flat = tree.flatten(params)
-  flat.update((p, v) for p, v in tree.flatten(adapter).items() if p in flat)
+  """``params`` with every leaf that ``adapter`` holds at the same path replaced by it (boxes
+  removed)."""
+  flat = tree.flatten(nn.meta.unbox(params))
+  flat.update((p, v) for p, v in tree.flatten(nn.meta.unbox(adapter)).items() if p in flat)
   return tree.unflatten(flat)
 
 
 def by_module(adapter) -> dict[str, dict[str, Any]]:
   """Adapter leaves grouped by module path: ``{'a/q_proj': {'lora_A': ..., 'lora_B': ...}}``."""
   groups = {}
-  for path, leaf in tree.flatten(adapter).items():
+  for path, leaf in tree.flatten(nn.meta.unbox(adapter)).items():
     module, _, name = path.rpartition('/')
     groups.setdefault(module, {})[name] = leaf
   return groups
@@ -121,10 +122,13 @@ def _ndim(axes) -> int:
   return len(axes) if isinstance(axes, (tuple, list)) else 1
 
 
+_INTERCEPTED = (nn.Dense, nn.DenseGeneral, nn.Embed)   # an Embed's lookup, never its ``attend``
+
+
 def _interceptor(hook: Hook, leaves: frozenset, train: bool, used: set):
   def intercept(next_fun, args, kwargs, context):
     module = context.module
-    if context.method_name != '__call__' or not isinstance(module, (nn.Dense, nn.DenseGeneral)):
+    if context.method_name != '__call__' or not isinstance(module, _INTERCEPTED):
       return next_fun(*args, **kwargs)
     adapter_vars = {k: v for k, v in module.variables.get(ADAPTER, {}).items() if k in leaves}
     if not adapter_vars:
@@ -140,9 +144,11 @@ def _interceptor(hook: Hook, leaves: frozenset, train: bool, used: set):
   return intercept
 
 
-def weight_space(init, hook: Optional[Hook] = None, *, leaves=(), merge=substitute) -> PeftMethod:
-  """A weight-space PeftMethod from its ``init``, ``merge`` and a Dense ``hook`` that runs where
-  the adapter holds any of the leaf names ``leaves``.
+def weight_space(init, hook: Optional[Hook] = None, *, leaves=(), merge=substitute,
+                 spec: Optional[Spec] = None) -> PeftMethod:
+  """A weight-space PeftMethod from its ``init``, ``merge``, ``spec`` and a hook on
+  Dense/DenseGeneral/Embed calls (``x`` is the token ids for an Embed) that runs where the
+  adapter holds any of the leaf names ``leaves``.
 
   Raises ValueError at trace time if such an adapter module is never called (e.g. an ``nn.scan``
   whose ``variable_axes`` leaves out the ``'adapter'`` collection).
@@ -152,6 +158,7 @@ def weight_space(init, hook: Optional[Hook] = None, *, leaves=(), merge=substitu
   def apply(apply_fn):
     @functools.wraps(apply_fn)
     def adapted(adapter, params, *args, **kw):
+      adapter = nn.meta.unbox(adapter)
       variables = {'params': substitute(adapter, params), ADAPTER: adapter}
       if hook is None:
         return apply_fn(variables, *args, **kw)
@@ -161,23 +168,30 @@ def weight_space(init, hook: Optional[Hook] = None, *, leaves=(), merge=substitu
       unused = sorted(m for m, av in by_module(adapter).items()
                       if leaves & av.keys() and m not in used)
       if unused:
-        raise ValueError(f'adapter modules never called as nn.Dense/DenseGeneral: {unused}; is '
+        raise ValueError(f'adapter modules never called as nn.Dense/DenseGeneral/Embed: {unused}; is '
                          f"the '{ADAPTER}' collection in each nn.scan's variable_axes "
                          '(e.g. {True: 0})?')
       return out
     return adapted
-  if merge is None:
-    return PeftMethod(init, apply, None)
-  return PeftMethod(init, apply, lambda adapter, params: merge(adapter, nn.meta.unbox(params)))
+  if merge is not None:
+    merge = functools.partial(_unboxed, merge)
+  return PeftMethod(init, apply, merge, spec)
+
+
+def _unboxed(fn, adapter, params):
+  return fn(nn.meta.unbox(adapter), nn.meta.unbox(params))
 
 
 def compose(*methods: PeftMethod) -> PeftMethod:
   """One method whose adapter holds the (disjoint) adapters of all ``methods``.
 
   The first method is innermost: its change to a layer is applied (and merged) first.
+  Regularisers add up; each method's state is one entry of a tuple, updated in order.
 
   >>> from peftjax import methods
   >>> both = methods.compose(methods.lora(rank=8, target='.*/(q_proj|v_proj)'), methods.bitfit())
+  >>> both.spec.asdict()['methods'][1]
+  {'name': 'bitfit', 'target': '.*', 'include_norm': False}
   """
   def init(rng, params):
     rngs = jax.random.split(rng, len(methods))
@@ -190,12 +204,30 @@ def compose(*methods: PeftMethod) -> PeftMethod:
       apply_fn = lambda variables, *a, _inner=inner, **kw: _inner(
           variables[ADAPTER], variables['params'], *a, **kw)
     return lambda adapter, params, *a, **kw: apply_fn(
-        {'params': params, ADAPTER: adapter}, *a, **kw)
+        {'params': params, ADAPTER: nn.meta.unbox(adapter)}, *a, **kw)
 
   def merge(adapter, params):
     for m in methods:
       params = m.merge(adapter, params)
     return params
 
-  mergeable = all(m.merge is not None for m in methods)
-  return PeftMethod(init, apply, merge if mergeable else None)
+  def regularizer(adapter):
+    return sum(m.regularizer(adapter) for m in methods if m.regularizer is not None)
+
+  def init_state(adapter):
+    return tuple(m.init_state(adapter) if m.init_state else None for m in methods)
+
+  def update(state, adapter, grads, step):
+    state = list(state)
+    for i, m in enumerate(methods):
+      if m.update is not None:
+        state[i], adapter = m.update(state[i], adapter, grads, step)
+    return tuple(state), adapter
+
+  specs = [m.spec for m in methods]
+  spec = None if None in specs else Spec('compose', {'methods': [s.asdict() for s in specs]})
+  has = lambda field: any(getattr(m, field) is not None for m in methods)
+  return PeftMethod(
+      init, apply, merge if all(m.merge is not None for m in methods) else None, spec,
+      regularizer if has('regularizer') else None,
+      init_state if has('init_state') else None, update if has('update') else None)

@@ -11,7 +11,7 @@ base biases in ``apply`` and ``merge``.
 >>> sorted(bitfit(include_norm=True).init(jax.random.key(0), params))
 ['dense', 'norm']
 """
-import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from peftjax import tree
@@ -23,10 +23,11 @@ def bitfit(target: str = '.*', include_norm: bool = False) -> base.PeftMethod:
   ``include_norm`` also the biases (betas) of kernel-less modules such as LayerNorm."""
   def init(rng, params):
     del rng
-    flat = tree.flatten(nn.meta.unbox(params))
+    flat = tree.flatten(params)
     biases = {p[:-len('/bias')]: v for p, v in flat.items() if p.endswith('/bias')
               and (include_norm or p[:-len('bias')] + 'kernel' in flat)}
     paths = tree.match(biases, target, what='module path with a trainable bias')
-    return tree.unflatten({f'{p}/bias': jnp.copy(biases[p]) for p in paths})
+    return tree.unflatten({f'{p}/bias': jax.tree.map(jnp.copy, biases[p]) for p in paths})
 
-  return base.weight_space(init)
+  return base.weight_space(init, spec=base.Spec('bitfit', dict(target=target,
+                                                               include_norm=include_norm)))

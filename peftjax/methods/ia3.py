@@ -30,14 +30,16 @@ def ia3(target: str, feedforward: Optional[str] = None) -> base.PeftMethod:
   """
   def init(rng, params):
     del rng
-    kernels = targets.linear_kernels(params, target)
+    weights = targets.modules(params, target)
     ff = set()
     if feedforward:
-      ff = set(tree.match(kernels, feedforward, what='targeted module path'))
+      ff = set(tree.match(weights, feedforward, what='targeted module path'))
     adapter = {}
-    for path, w in kernels.items():
-      *stack, d_in, d_out = w.shape
-      adapter[f'{path}/ia3_l'] = jnp.ones((*stack, 1, d_in) if path in ff else (*stack, d_out, 1))
+    for path, w in weights.items():
+      d_in, d_out = w.value.shape[-2:]
+      adapter[f'{path}/ia3_l'] = (
+          targets.box(jnp.ones((*w.stack, 1, d_in)), w.axes(None, 'in')) if path in ff else
+          targets.box(jnp.ones((*w.stack, d_out, 1)), w.axes('out', None)))
     return tree.unflatten(adapter)
 
   def hook(adapter_vars, module, call, x, train):
@@ -60,4 +62,5 @@ def ia3(target: str, feedforward: Optional[str] = None) -> base.PeftMethod:
           flat[f'{module}/bias'] = (bias * scale[..., 0]).astype(bias.dtype)
     return tree.unflatten(flat)
 
-  return base.weight_space(init, hook, leaves=('ia3_l',), merge=merge)
+  return base.weight_space(init, hook, leaves=('ia3_l',), merge=merge,
+                           spec=base.Spec('ia3', dict(target=target, feedforward=feedforward)))

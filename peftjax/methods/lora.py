@@ -17,6 +17,8 @@ Leaves map to HF PEFT names: ``<path>/lora_A`` <-> ``<path>.lora_A.weight`` (tra
 """
 import functools
 import math
+import re
+from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -66,36 +68,79 @@ def _column_norm(w):
   return jnp.linalg.norm(w.astype(jnp.float32), axis=-2)
 
 
+def _pattern_value(patterns, path: str, default):
+  """The value of the first key of ``patterns`` (regexes over module paths) that
+  ``re.fullmatch``-es ``path`` (HF PEFT's ``rank_pattern``/``alpha_pattern`` semantics)."""
+  return next((v for k, v in (patterns or {}).items() if re.fullmatch(k, path)), default)
+
+
+def _embedding_lora(adapter_vars, module, ids, scale):
+  """HF PEFT's ``Embedding`` LoRA: ``s * A[ids] @ B`` (no dropout on token ids)."""
+  a, b = nn.dtypes.promote_dtype(adapter_vars['lora_embedding_A'],
+                                 adapter_vars['lora_embedding_B'], dtype=module.dtype)
+  return (jnp.take(a, ids, axis=0) * scale) @ b
+
+
 def lora(rank: int = 8, alpha: float = 8.0, target: str = targets.ALL_LINEAR,
-         dropout: float = 0.0, rslora: bool = False, dora: bool = False) -> base.PeftMethod:
-  """LoRA on Dense layers whose module path matches ``target`` (see ``targets``).
+         dropout: float = 0.0, rslora: bool = False, dora: bool = False,
+         rank_pattern: Optional[dict] = None, alpha_pattern: Optional[dict] = None
+         ) -> base.PeftMethod:
+  """LoRA on Dense (and ``nn.Embed``) layers whose module path matches ``target``.
 
   ``rank``/``alpha``/``dropout`` are HF PEFT's ``r``/``lora_alpha``/``lora_dropout``;
-  ``rslora``/``dora`` are ``use_rslora``/``use_dora``.
+  ``rslora``/``dora`` are ``use_rslora``/``use_dora``; ``rank_pattern``/``alpha_pattern`` map
+  module-path regexes to per-module ranks/alphas (the first key that ``re.fullmatch``-es wins).
+  A targeted embedding gets ``lora_embedding_A (vocab, r)`` (zeros) and ``lora_embedding_B (r,
+  dim)`` (normal), as HF PEFT (transposed).
   """
-  if not isinstance(rank, int) or rank <= 0:
-    raise ValueError(f'LoRA rank must be a positive int, got {rank!r}')
+  ranks = [rank, *(rank_pattern or {}).values()]
+  if not all(isinstance(r, int) and r > 0 for r in ranks):
+    raise ValueError(f'LoRA rank must be a positive int, got {rank!r} '
+                     f'(rank_pattern {rank_pattern!r})')
   if not 0.0 <= dropout < 1.0:
     raise ValueError(f'LoRA dropout must be in [0, 1), got {dropout!r}')
-  scale = _scale(alpha, rank, rslora)
+  spec = base.Spec('lora', dict(rank=rank, alpha=alpha, target=target, dropout=dropout,
+                                rslora=rslora, dora=dora, rank_pattern=dict(rank_pattern or {}),
+                                alpha_pattern=dict(alpha_pattern or {})))
+
+  def module_scale(path: str, r: int) -> float:
+    return _scale(_pattern_value(alpha_pattern, path, alpha), r, rslora)
 
   def init(rng, params):
     adapter = {}
-    for path, w, key in targets.keyed(rng, targets.linear_kernels(params, target)):
-      *stack, d_in, d_out = w.shape
-      if rank > min(d_in, d_out):
-        raise ValueError(f'LoRA rank {rank} exceeds min(in, out) = {min(d_in, d_out)} '
-                         f'of {path} (kernel {tuple(w.shape)})')
+    weights = targets.modules(params, target, kinds=('kernel', 'embedding'))
+    for path, w, key in targets.keyed(rng, weights):
+      r = _pattern_value(rank_pattern, path, rank)
+      d_in, d_out = w.value.shape[-2:]
+      if w.kind == 'embedding':
+        if dora:
+          raise ValueError(f'{path}: DoRA on an embedding is not supported')
+        adapter[f'{path}/lora_embedding_A'] = targets.box(
+            jnp.zeros((*w.stack, d_in, r), jnp.float32), w.axes('in', None))
+        adapter[f'{path}/lora_embedding_B'] = targets.box(
+            jax.random.normal(key, (*w.stack, r, d_out), jnp.float32), w.axes(None, 'out'))
+        continue
+      if r > min(d_in, d_out):
+        raise ValueError(f'LoRA rank {r} exceeds min(in, out) = {min(d_in, d_out)} '
+                         f'of {path} (kernel {tuple(w.value.shape)})')
       bound = 1.0 / math.sqrt(d_in)  # kaiming_uniform_(a=sqrt(5)) on torch's (r, in) weight
-      adapter[f'{path}/lora_A'] = jax.random.uniform(key, (*stack, d_in, rank), jnp.float32,
-                                                     -bound, bound)
-      adapter[f'{path}/lora_B'] = jnp.zeros((*stack, rank, d_out), jnp.float32)
+      adapter[f'{path}/lora_A'] = targets.box(
+          jax.random.uniform(key, (*w.stack, d_in, r), jnp.float32, -bound, bound),
+          w.axes('in', None))
+      adapter[f'{path}/lora_B'] = targets.box(jnp.zeros((*w.stack, r, d_out), jnp.float32),
+                                              w.axes(None, 'out'))
       if dora:
-        adapter[f'{path}/lora_magnitude_vector'] = _column_norm(w)
+        adapter[f'{path}/lora_magnitude_vector'] = targets.box(_column_norm(w.value),
+                                                               w.axes('out'))
     return tree.unflatten(adapter)
 
   def hook(adapter_vars, module, call, x, train):
     y = call(x)
+    path = '/'.join(module.path)
+    if 'lora_embedding_A' in adapter_vars:
+      r = adapter_vars['lora_embedding_A'].shape[-1]
+      return y + _embedding_lora(adapter_vars, module, x, module_scale(path, r)).astype(y.dtype)
+    scale = module_scale(path, adapter_vars['lora_A'].shape[-1])
     h = x
     dropped = train and dropout > 0.0
     if dropped:
@@ -120,16 +165,26 @@ def lora(rank: int = 8, alpha: float = 8.0, target: str = targets.ALL_LINEAR,
   def merge(adapter, params):
     flat = tree.flatten(params)
     for module, av in base.by_module(adapter).items():
+      factors = ('lora_embedding_A', 'lora_embedding_B', 'embedding')
       if 'lora_A' in av:
-        w = flat[f'{module}/kernel']
-        merged = w.astype(jnp.float32) + _delta(av, scale)
-        if 'lora_magnitude_vector' in av:
-          merged = merged * (av['lora_magnitude_vector'] / _column_norm(merged))[..., None, :]
-        flat[f'{module}/kernel'] = merged.astype(w.dtype)
+        factors = ('lora_A', 'lora_B', 'kernel')
+      elif 'lora_embedding_A' not in av:
+        continue
+      a, b, leaf = factors
+      w = flat[f'{module}/{leaf}']
+      if w.shape != (*av[a].shape[:-1], av[b].shape[-1]):
+        raise ValueError(f'{module}: LoRA factors {av[a].shape} x {av[b].shape} do not fit '
+                         f'{leaf} {w.shape}')
+      merged = w.astype(jnp.float32) + _delta({'lora_A': av[a], 'lora_B': av[b]},
+                                              module_scale(module, av[a].shape[-1]))
+      if 'lora_magnitude_vector' in av:
+        merged = merged * (av['lora_magnitude_vector'] / _column_norm(merged))[..., None, :]
+      flat[f'{module}/{leaf}'] = merged.astype(w.dtype)
     return tree.unflatten(flat)
 
-  return base.weight_space(init, hook, leaves=('lora_A', 'lora_B', 'lora_magnitude_vector'),
-                           merge=merge)
+  return base.weight_space(
+      init, hook, leaves=('lora_A', 'lora_B', 'lora_magnitude_vector', 'lora_embedding_A',
+                          'lora_embedding_B'), merge=merge, spec=spec)
 
 
 def lora_plus_labels(adapter) -> dict:

@@ -14,14 +14,17 @@ HF PEFT's ``TRANSFORMERS_MODELS_TO_*_TARGET_MODULES_MAPPING`` (module-name suffi
 ['attn/q_proj']
 """
 import re
+from typing import NamedTuple, Optional
 
 import flax.linen as nn
 import jax
+import numpy as np
 
 from peftjax import tree
 
 ALL_LINEAR = 'all-linear'
 OUTPUT_HEADS = ('lm_head', 'score', 'classifier')
+STACK_AXIS = 'layers'   # the logical name nn.scan gives the stacked layer axis
 
 
 def suffix_regex(names) -> str:
@@ -63,21 +66,74 @@ def default_target(method: str, model_type: str) -> str:
   return table[method]
 
 
-def linear_kernels(params, target: str) -> dict:
-  """``{module_path: kernel}`` for modules with a ``kernel`` param whose path matches ``target``.
+class Weight(NamedTuple):
+  """A targeted module's weight: ``value`` ``(*stack, in, out)`` for a kernel, ``(*stack, vocab,
+  dim)`` for an embedding; ``names`` its logical axes (None for plain params); ``kind``
+  ``'kernel'`` or ``'embedding'``."""
+  value: jax.Array
+  names: Optional[tuple]
+  kind: str = 'kernel'
 
-  Params may be boxed (``nn.Partitioned``). A kernel is ``(*stack, in, out)``: leading axes
-  (e.g. ``nn.scan``'s layer axis) are stacked.
+  @property
+  def stack(self) -> tuple:
+    return self.value.shape[:-2]
+
+  def axes(self, *dims) -> Optional[tuple]:
+    """Logical axes of an adapter leaf of shape ``(*stack, *dims)``: each dim is ``'in'``,
+    ``'out'`` (the weight's axis) or None (a rank or broadcast axis, never sharded)."""
+    if self.names is None:
+      return None
+    where = {'in': self.names[-2], 'out': self.names[-1], None: None}
+    return tuple(self.names[:-2]) + tuple(where[d] for d in dims)
+
+
+def box(value, axes: Optional[tuple]):
+  """``value`` boxed as ``nn.Partitioned`` with logical ``axes`` (unboxed when axes is None)."""
+  return value if axes is None else nn.Partitioned(value, axes)
+
+
+def _weight(path: str, leaf, kind: str) -> Weight:
+  value, names = nn.meta.unbox(leaf), None
+  if isinstance(leaf, nn.Partitioned):
+    names = tuple(leaf.names)
+    stacked = sum(1 for n in names if n == STACK_AXIS)
+    if value.ndim - stacked != 2:
+      raise ValueError(f'{path}: adapters support weights with one input and one output axis '
+                       f'(a Dense or Embed), got {kind} of shape {tuple(value.shape)} with axes '
+                       f'{names}')
+  return Weight(value, names, kind)
+
+
+def modules(params, target: str, kinds=('kernel',)) -> dict[str, Weight]:
+  """``{module_path: Weight}`` for modules holding a param of one of ``kinds`` (``'kernel'``,
+  ``'embedding'``) whose path matches ``target``.
+
+  Boxed params (``nn.Partitioned``) give weights with logical names: leading ``'layers'`` axes
+  (``nn.scan``) are stacked, and any other weight with more than two axes (a multi-axis
+  ``DenseGeneral``) is refused. Plain params treat every leading axis as stacked.
   Raises ValueError naming the near-miss module paths if nothing matches.
   """
-  kernels = {p[:-len('/kernel')]: v for p, v in tree.flatten(nn.meta.unbox(params)).items()
-             if p.endswith('/kernel') and v.ndim >= 2}
+  found = {}
+  for p, v in tree.flatten(params).items():
+    module, _, leaf = p.rpartition('/')
+    if leaf in kinds and np.ndim(nn.meta.unbox(v)) >= 2:
+      found[module] = (leaf, v)
   if target == ALL_LINEAR:
-    return {p: v for p, v in kernels.items() if p.rsplit('/', 1)[-1] not in OUTPUT_HEADS}
-  return {p: kernels[p] for p in tree.match(kernels, target, what='linear module path')}
+    paths = [p for p, (kind, _) in found.items()
+             if kind == 'kernel' and p.rsplit('/', 1)[-1] not in OUTPUT_HEADS]
+  else:
+    what = {'kernel': 'linear', 'embedding': 'embedding'}
+    paths = tree.match(found, target, what=' or '.join(what[k] for k in kinds) + ' module path')
+  return {p: _weight(p, found[p][1], found[p][0]) for p in paths}
 
 
-def keyed(rng, kernels: dict):
-  """``(module_path, kernel, rng)`` for each of ``linear_kernels``' results, one key each."""
-  keys = jax.random.split(rng, max(len(kernels), 1))
-  return [(path, w, key) for (path, w), key in zip(kernels.items(), keys)]
+def linear_kernels(params, target: str) -> dict:
+  """``{module_path: kernel}`` (unboxed) for modules with a ``kernel`` whose path matches
+  ``target`` (see ``modules``)."""
+  return {p: w.value for p, w in modules(params, target).items()}
+
+
+def keyed(rng, items: dict):
+  """``(path, item, rng)`` for each entry of ``items``, one key each."""
+  keys = jax.random.split(rng, max(len(items), 1))
+  return [(path, w, key) for (path, w), key in zip(items.items(), keys)]

@@ -12,6 +12,7 @@ and its sharded creation.
 """
 from typing import Any, Callable
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -77,19 +78,21 @@ def state_shardings(abstract_state: TrainState, adapter_shardings, mesh: Mesh) -
 def init_train_state(adapter_init: Callable, optimizer: optax.GradientTransformation, rng: jax.Array,
                      base_params, base_axes, mesh: Mesh, rules=sharding_lib.DEFAULT_RULES,
                      init_state: Callable | None = None) -> tuple[TrainState, TrainState]:
-  """Creates the state directly in its shardings (adapter shardings derived from the base params).
+  """Creates the state directly in its shardings.
 
-  `adapter_init(rng, base_params) -> adapter` is a `PeftMethod.init`; `base_axes` are the logical
-  axes of the base params (from `sharding.sharded_init`); `init_state` is the method's
-  `PeftMethod.init_state` (None: no method state). Returns `(state, shardings)`.
+  `adapter_init(rng, base_params) -> adapter` is a `PeftMethod.init`, given the base params boxed
+  with `base_axes` (their logical axes, e.g. from `sharding.sharded_init`): adapter leaves it
+  declares with logical axes are sharded by `rules`, others replicated. `init_state` is the
+  method's `PeftMethod.init_state` (None: no method state). Returns `(state, shardings)`.
   """
   def create(rng, base):
     init_rng, state_rng = jax.random.split(jax.random.wrap_key_data(key_data(rng)))
-    return TrainState.create(adapter_init(init_rng, base), optimizer, state_rng,
-                             init_state=init_state)
+    adapter = adapter_init(init_rng, sharding_lib.boxed(base, base_axes))
+    state = TrainState.create(nn.meta.unbox(adapter), optimizer, state_rng, init_state=init_state)
+    return state, adapter
 
-  abstract = jax.eval_shape(create, rng, base_params)
-  axes = sharding_lib.adapter_axes(abstract.adapter, base_params, base_axes)
+  abstract, boxed_adapter = jax.eval_shape(create, rng, base_params)
+  axes = sharding_lib.logical_axes(boxed_adapter)
   adapter_shardings = sharding_lib.tree_shardings(axes, abstract.adapter, mesh, rules)
   shardings = state_shardings(abstract, adapter_shardings, mesh)
-  return jax.jit(create, out_shardings=shardings)(rng, base_params), shardings
+  return jax.jit(lambda r, b: create(r, b)[0], out_shardings=shardings)(rng, base_params), shardings

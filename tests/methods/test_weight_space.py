@@ -165,7 +165,7 @@ def test_bad_inputs_name_the_value():
   with pytest.raises(ValueError, match=r'rank 17 exceeds min\(in, out\) = 16 of layers_0/q_proj'):
     methods.lora(rank=17, target='.*q_proj').init(jax.random.key(0), params)
   with pytest.raises(ValueError,
-                     match=r"pattern '.\*/query' matches no linear module path.*q_proj"):
+                     match=r"pattern '.\*/query' matches no linear or embedding module path.*q_proj"):
     methods.lora(target='.*/query').init(jax.random.key(0), params)
   with pytest.raises(ValueError, match="model_type 'gptj'"):
     methods.get('lora', model_type='gptj')
