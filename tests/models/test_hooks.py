@@ -302,3 +302,58 @@ def test_layout_refuses_unknown_model_types():
   with pytest.raises(errors.UnsupportedModelError, match="model_type 't5' is not supported"):
     families.layout('t5')
   assert registry.family('qwen2').layout is families.LAYOUTS['llama']
+
+
+# ----------------------------------------------------------------------------- gradients
+
+def test_prompt_embeds_gradient_equals_longer_inputs_embeds_gradient(flax_model, zoo):
+  """What prompt tuning trains: d loss / d prompt_embeds through the hook == through the
+  explicit longer ``inputs_embeds`` (scanned layers)."""
+  ids, mask = zoo.right_padded_batch()
+  m = flax_model('llama_gqa', scan_layers=True)
+  e = prompts(m, batch=3)
+  w = np.random.default_rng(2).normal(size=(3, ids.shape[1], zoo.VOCAB)).astype(np.float32)
+  w = w * mask[..., None]   # pad positions are garbage (pad queries see the virtual tokens here)
+  tokens = embedding(m)[ids]
+  long_mask = np.concatenate([ones(V), mask], 1)
+
+  def hook(e):
+    return jnp.sum(w * m.apply({'params': m.params}, ids, attention_mask=mask,
+                               prompt_embeds=e).logits)
+
+  def explicit(e):
+    out = m.apply({'params': m.params}, inputs_embeds=jnp.concatenate([e, tokens], 1),
+                  attention_mask=long_mask).logits
+    return jnp.sum(w * out[:, V:])
+
+  got, want = jax.grad(hook)(e), jax.grad(explicit)(e)
+  assert np.abs(want).max() > 1e-3
+  np.testing.assert_allclose(got, want, atol=TOL)
+
+
+def test_prefix_kv_gradient_equals_transformers(hf_model, flax_model, zoo):
+  """What prefix tuning trains: d loss / d prefix (k, v) == torch autograd through transformers'
+  cache of the same tensors (scanned layers, left padding)."""
+  ids, mask, pos = zoo.left_padded_batch()
+  m = flax_model('llama_gqa', scan_layers=True)
+  kv = prefix(m)
+  w = np.random.default_rng(2).normal(size=(3, ids.shape[1], zoo.VOCAB)).astype(np.float32)
+  w = w * mask[..., None]
+
+  def loss(kv):
+    out = m.apply({'params': m.params}, ids, attention_mask=mask, prefix_kv=kv).logits
+    return jnp.sum(w * out)
+
+  got = jax.grad(loss)(kv)
+  tk, tv = (torch.tensor(np.asarray(a), requires_grad=True) for a in kv)
+  cache = transformers.DynamicCache()
+  for i in range(m.config.num_layers):
+    cache.update(tk[i].transpose(1, 2), tv[i].transpose(1, 2), i)
+  logits = hf_model('llama_gqa').torch_model(
+      input_ids=torch.as_tensor(ids).long(),
+      attention_mask=torch.as_tensor(np.concatenate([ones(P), mask], 1)),
+      position_ids=torch.as_tensor(pos + P).long(), cache=cache).logits
+  (logits * torch.as_tensor(w)).sum().backward()
+  for g, t in zip(got, (tk, tv)):
+    assert np.abs(t.grad.numpy()).max() > 1e-3
+    np.testing.assert_allclose(g, t.grad.numpy(), atol=TOL)
