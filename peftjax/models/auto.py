@@ -1,8 +1,21 @@
 """Load a pretrained checkpoint into a Flax module and params; save back in Hugging Face format.
 
->>> pre = load_pretrained('all-minilm-l6-v2', task='base')                 # doctest: +SKIP
->>> out = pre.module.apply({'params': pre.params}, ids, attention_mask=mask)  # doctest: +SKIP
+>>> import numpy as np
+>>> pre = load_pretrained('all-minilm-l6-v2', task='base')
+>>> ids, mask = np.array([[101, 7592, 102]]), np.ones((1, 3), np.int32)
+>>> pre.module.apply({'params': pre.params}, ids, attention_mask=mask).hidden.shape
+(1, 3, 384)
 >>> save_pretrained('/tmp/out', pre.config, pre.params, pre.tokenizer)     # doctest: +SKIP
+
+Loaded straight into shards (each device's slice read from the file, nothing whole on one device):
+
+>>> from peftjax import sharding
+>>> mesh = sharding.make_mesh()
+>>> pre = load_pretrained('all-minilm-l6-v2', task='base', scan_layers=True,
+...                       shardings=lambda module: sharding.model_shardings(module, mesh)[1])
+>>> kernel = pre.params['bert']['encoder']['layer']['attention']['self']['query']['kernel']
+>>> kernel.shape, kernel.sharding.spec
+((6, 384, 384), P(None, 'fsdp', 'tensor'))
 
 ``save_pretrained`` writes ``config.json`` + ``model.safetensors`` that
 ``transformers.AutoModelFor*.from_pretrained`` loads.

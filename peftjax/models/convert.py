@@ -4,11 +4,16 @@ A Flax path is the HF key with ``.`` -> ``/``, ``layers.N`` -> ``layers_N`` and 
 (``weight`` -> ``kernel`` transposed, except GPT-2 ``Conv1D``; ``embedding``; ``scale``). With
 ``scan_layers`` the stack module drops the index and stacks layers on a leading axis.
 
->>> params = params_from_hf(config, checkpoint.tensors, jnp.float32)     # doctest: +SKIP
->>> params['model']['layers_0']['self_attn']['q_proj']['kernel'].shape    # doctest: +SKIP
-(32, 32)
->>> sorted(params_to_hf(config, params))[0]     # doctest: +SKIP
-'model.embed_tokens.weight'
+>>> from peftjax.models import checkpoint
+>>> ckpt = checkpoint.open_checkpoint('all-minilm-l6-v2')
+>>> config = registry.config_from_hf(ckpt.config, scan_layers=True)
+>>> params = params_from_hf(config, ckpt.tensors, jnp.float32, task='base')
+>>> params['bert']['encoder']['layer']['attention']['self']['query']['kernel'].shape
+(6, 384, 384)
+>>> sorted(params_to_hf(config, params))[0]
+'bert.embeddings.LayerNorm.bias'
+
+``params_from_hf(..., shardings=tree)`` builds every array shard by shard (see its docstring).
 """
 from __future__ import annotations
 
