@@ -324,13 +324,23 @@ def dot_product_attention(q, k, v, mask, *, impl='auto', dropout_rate=0.0, dropo
     return einsum_attention(q, k, v, mask, dropout_rate=dropout_rate, dropout_rng=dropout_rng)
   mask = mask[:, None]
   if impl == 'auto':
-    if jax.default_backend() == 'gpu' and q.dtype in (jnp.bfloat16, jnp.float16):
+    impl = 'xla'
+    if cudnn_accepts(q, k):
       try:
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation='cudnn')
-      except NotImplementedError:   # shapes cuDNN refuses (head_dim, odd lengths with a mask)
+      except (NotImplementedError, RuntimeError):   # an older GPU or cuDNN
         pass
-    impl = 'xla'
   return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+
+
+def cudnn_accepts(q, k) -> bool:
+  """Whether cuDNN flash attention takes these shapes, checked before tracing: cuDNN checks
+  some only when differentiating, which under ``nn.scan`` happens outside any ``try``. GPU,
+  16-bit, head_dim a multiple of 8 up to 128, even lengths (the mask is a bias, which cuDNN
+  trains only with even query and key lengths)."""
+  d, t, s = q.shape[-1], q.shape[1], k.shape[1]
+  return (jax.default_backend() == 'gpu' and q.dtype in (jnp.bfloat16, jnp.float16) and
+          d % 8 == 0 and d <= 128 and t % 2 == 0 and s % 2 == 0)
 
 
 def attend(q, k, v, ctx: AttentionContext, layer_cache=None, layer_prefix=None, *,

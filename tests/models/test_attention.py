@@ -121,3 +121,14 @@ def test_unknown_attention_impl_is_refused():
                            "cudnn, einsum"):
     llama.LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1,
                       num_heads=2, attention_impl='flash')
+
+
+def test_cudnn_is_chosen_only_for_shapes_it_accepts(monkeypatch):
+  q = jnp.zeros((1, 4, 2, 16), jnp.bfloat16)
+  assert not layers.cudnn_accepts(q, q)               # this CPU
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  assert layers.cudnn_accepts(q, q)
+  assert not layers.cudnn_accepts(q.astype(jnp.float32), q)             # 32-bit
+  assert not layers.cudnn_accepts(q[:, :3], q)                          # odd query length
+  assert not layers.cudnn_accepts(jnp.zeros((1, 4, 2, 12), jnp.bfloat16), q)   # head_dim % 8
+  assert not layers.cudnn_accepts(jnp.zeros((1, 4, 2, 256), jnp.bfloat16), q)  # head_dim > 128
