@@ -231,15 +231,14 @@ def test_sharded_load_equals_unsharded_and_reads_only_shards(hf_model, name, sca
     s = traverse_util.flatten_dict(shardings)[path]
     layers = config.num_layers if convert.is_scanned(config, path) else 1
     names = {convert.hf_name(config, path, i if layers > 1 else None)[0] for i in range(layers)}
-    reads = [(n, size) for n, size in tensors.reads if n in names or
-             n.split('.', 1)[-1] in names]            # gpt2 keys may lack 'transformer.'
+    reads = [(n, size) for n, size in tensors.reads if n in names]
     shard_size = math.prod(s.shard_shape(arr.shape)) // layers
     distinct = len({tuple((i.start, i.stop) for i in idx)
                     for idx in s.addressable_devices_indices_map(arr.shape).values()})
     assert reads and all(size == shard_size for _, size in reads), (path, reads, shard_size)
     assert len(reads) == distinct * layers, (path, len(reads), distinct)
     split += shard_size * layers < arr.size
-  assert split >= 5 * config.num_layers if not scan else split >= 5   # kernels really split
+  assert split >= 5, split          # the attention and MLP kernels (at least) really are split
 
 
 def test_sharded_bfloat16_load_equals_unsharded(tmp_path):
