@@ -2,12 +2,11 @@
 import flax.linen as nn
 import jax
 import numpy as np
+import peft
 import pytest
+import torch
 
 from peftjax import methods, tree
-
-peft = pytest.importorskip('peft')
-torch = pytest.importorskip('torch')
 
 D_IN, D_FF = 12, 20
 TARGETS = ('q_proj', 'v_proj', 'down_proj')

@@ -5,6 +5,7 @@ import pytest
 import torch
 import transformers
 
+from peftjax import assets
 from peftjax.models import auto
 
 TOL = 1e-4
@@ -78,11 +79,7 @@ def test_save_pretrained_loads_in_transformers(name, flax_model, zoo, tmp_path):
 @pytest.mark.slow
 def test_all_minilm_checkpoint_matches_transformers():
   """The real all-MiniLM-L6-v2 (keys without the ``bert.`` prefix) through load_pretrained."""
-  from peftjax import assets
-  try:
-    directory = assets.path('all-minilm-l6-v2')
-  except assets.AssetNotInstalledError as err:
-    pytest.skip(str(err))
+  directory = assets.path('all-minilm-l6-v2')     # bundled: a missing asset fails
   pre = auto.load_pretrained(directory, task='base', scan_layers=True)
   batch = pre.tokenizer(['a tiny test', 'padding on the right of a longer sentence'],
                         padding=True, return_tensors='np')

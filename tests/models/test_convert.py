@@ -104,7 +104,6 @@ def test_wrong_shape_names_file_tensor_and_shapes(hf_model, zoo, tmp_path):
 
 
 def test_load_pretrained_from_a_directory(hf_model, flax_model, zoo):
-  pytest.importorskip('peftjax.models.checkpoint')
   ids, mask, _ = zoo.left_padded_batch()
   pre = auto.load_pretrained(hf_model('qwen2').dir, scan_layers=True)
   want = flax_model('qwen2')
