@@ -36,13 +36,13 @@ def scalar(lp, seed=1):
 def assert_matches_naive(f, hidden, kernel, labels, mask, tied):
   got, want = f(hidden, kernel), naive(hidden, kernel, labels, mask, tied)
   for g, w in zip(got, want):
-    np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(g, w, atol=2e-6, rtol=1e-6)
   ref = jax.grad(lambda h, k: scalar(naive(h, k, labels, mask, tied)), (0, 1))(hidden, kernel)
   for argnums in ((0, 1), 0, 1):
     grads = jax.grad(lambda h, k: scalar(f(h, k)), argnums)(hidden, kernel)
     for g, w in zip(grads if argnums == (0, 1) else (grads,),
                     ref if argnums == (0, 1) else (ref[argnums],)):
-      np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5)
+      np.testing.assert_allclose(g, w, atol=2e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize('tied,chunk,vocab_chunk', [(False, 8, None), (False, 5, 7), (True, 16, 13),

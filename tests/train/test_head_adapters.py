@@ -55,9 +55,9 @@ def naive_loss(apply, adapter, params, batch):
 def assert_loss_and_grads_match_naive(loss_fn, apply, adapter, params, batch):
   (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(adapter, params, batch, None)
   want, want_grads = jax.value_and_grad(lambda a: naive_loss(apply, a, params, batch))(adapter)
-  np.testing.assert_allclose(loss, want, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(loss, want, atol=2e-6, rtol=1e-6)
   for got, ref in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
-    np.testing.assert_allclose(got, ref, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(got, ref, atol=2e-6, rtol=1e-6)
   return grads
 
 
@@ -152,9 +152,9 @@ def test_lm_logprobs_equal_log_softmax_of_the_adapted_model(flax_model, name, ta
     return lm.LogProbs(token, token.sum(-1), mask.sum(-1))
 
   for got, want in zip(ours(adapter), naive(adapter)):
-    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(got, want, atol=2e-6, rtol=1e-6)
   weights = jnp.arange(1.0, 3.0)
   grads = jax.grad(lambda a: jnp.sum(ours(a).sequence * weights))(adapter)
   want = jax.grad(lambda a: jnp.sum(naive(a).sequence * weights))(adapter)
-  for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want)):
-    np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5)
+  for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want)):   # measured: 3.9e-6 on 1.5
+    np.testing.assert_allclose(g, w, atol=2e-6, rtol=5e-6)
