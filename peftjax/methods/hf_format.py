@@ -37,7 +37,6 @@ Everything written to ``adapter_config.json`` comes from ``method.spec`` and the
 """
 from __future__ import annotations
 
-import inspect
 import json
 import pathlib
 import re
@@ -155,11 +154,29 @@ def _specs(spec: base.Spec | None) -> list[base.Spec]:
   return [s for d in spec.hparams['methods'] for s in _specs(base.Spec.from_dict(d))]
 
 
-def _pattern_value(patterns, name: str, default):
+def _hf_pattern_value(patterns, name: str, default):
   """HF PEFT's ``rank_pattern``/``alpha_pattern`` lookup: the first key ``k`` for which
   ``(.*\\.)?(k)$`` matches the HF module ``name`` (``peft.utils.other.get_pattern_key``)."""
   return next((v for k, v in (patterns or {}).items() if re.match(rf'(.*\.)?({k})$', name)),
               default)
+
+
+def _bias_option(replaced: dict, adapted: set, params: dict, is_ia3: bool) -> tuple[str, set]:
+  """HF's ``bias`` option and the modules it trains the bias of: those whose only replaced
+  param is their bias (other replaced modules are ``modules_to_save``)."""
+  biases = {n for n, p in replaced.items() if p == {'bias'} and f'{n}.weight' in params}
+  if is_ia3 and biases:
+    raise ValueError(f'HF PEFT trains no biases with IA3; this adapter trains those of '
+                     f'{sorted(biases)}')
+  every = {n.removesuffix('.bias') for n in params if n.endswith('.bias')}
+  if not biases:
+    return 'none', biases
+  if biases == every & adapted:
+    return 'lora_only', biases
+  if biases == every:
+    return 'all', biases
+  raise ValueError(f'HF PEFT trains all biases (bias="all") or those of the LoRA modules '
+                   f'(bias="lora_only"), not those of {sorted(biases)}')
 
 
 def save_adapter(directory, method: base.PeftMethod, adapter, base_config, *,
@@ -220,21 +237,11 @@ def save_adapter(directory, method: base.PeftMethod, adapter, base_config, *,
         else:
           raise ValueError(f'adapter leaf {module}/{leaf} has no Hugging Face PEFT equivalent')
         tensors[key] = np.ascontiguousarray(v.T if transpose else v)
-  # A module whose only trained param is its bias is HF's ``bias`` option; others are saved whole.
-  biases = {n for n, p in replaced.items() if p == {'bias'} and f'{n}.weight' in params}
+  bias, biases = _bias_option(replaced, set(adapted), params, is_ia3)
   saved = set(replaced) - biases
   if saved & set(adapted):
     raise ValueError(f'HF PEFT cannot both adapt and save (modules_to_save) the modules '
                      f'{sorted(saved & set(adapted))}')
-  all_biases = {n.removesuffix('.bias') for n in params if n.endswith('.bias')}
-  bias = ('none' if not biases else 'lora_only' if biases == all_biases & set(adapted)
-          else 'all' if biases == all_biases else None)
-  if is_ia3 and biases:
-    raise ValueError(f'HF PEFT trains no biases with IA3; this adapter trains those of '
-                     f'{sorted(biases)}')
-  if bias is None:
-    raise ValueError(f'HF PEFT trains all biases (bias="all") or those of the LoRA modules '
-                     f'(bias="lora_only"), not those of {sorted(biases)}')
   for name in biases & set(adapted):   # a LoRA module's own params live under base_layer
     tensors[f'{name}.base_layer.bias'] = tensors.pop(f'{name}.bias')
   tied = _tied_embedding(config, ('/'.join(p) for p in shapes), task == 'causal_lm')
@@ -253,12 +260,10 @@ def save_adapter(directory, method: base.PeftMethod, adapter, base_config, *,
       raise ValueError('ensure_weight_tying is a LoRA option of HF PEFT, not an IA3 one')
     hf.update(feedforward_modules=_suffixes(feedforward, universe), init_ia3_weights=True)
   else:
-    h = {**{k: p.default for k, p in inspect.signature(lora).parameters.items()},
-         **core.hparams}
+    h = core.hparams
     alphas = {n: _first_fullmatch(h['alpha_pattern'], adapted[n], h['alpha']) for n in ranks}
     hf.update(r=h['rank'], lora_alpha=h['alpha'],
-              use_rslora=core.name == 'rslora' or h['rslora'],
-              use_dora=core.name == 'dora' or h['dora'], lora_dropout=h['dropout'],
+              use_rslora=h['rslora'], use_dora=h['dora'], lora_dropout=h['dropout'],
               rank_pattern={re.escape(n): r for n, r in sorted(ranks.items()) if r != h['rank']},
               alpha_pattern={re.escape(n): a for n, a in sorted(alphas.items())
                              if a != h['alpha']},
@@ -426,7 +431,7 @@ def load_adapter(directory, params, config, rng=None) -> tuple[base.PeftMethod, 
       raise errors.CheckpointError(f'{file}: tensor {key} in a {hf["peft_type"]} adapter')
     path, layer, transpose = names[target]
     shape = flat_params[path].shape[1:] if layer is not None else flat_params[path].shape
-    r = _pattern_value(hf.get('rank_pattern'), module, r_default)
+    r = _hf_pattern_value(hf.get('rank_pattern'), module, r_default)
     if leaf:
       want, transpose = _expected(leaf, shape, r), LEAVES[leaf][1]
     else:
@@ -443,7 +448,7 @@ def load_adapter(directory, params, config, rng=None) -> tuple[base.PeftMethod, 
             f'{file}: {module} has LoRA rank {r} but other layers of the scanned module '
             f'{flax_module} have rank {ranks[flax_module]}; per-layer ranks need '
             'scan_layers=False')
-      alphas[flax_module] = _pattern_value(hf.get('alpha_pattern'), module, alpha_default)
+      alphas[flax_module] = _hf_pattern_value(hf.get('alpha_pattern'), module, alpha_default)
       found.setdefault((flax_module, leaf), {})[layer] = value
     elif base_layer and path[-1] != 'bias':   # HF's save_embedding_layers: the base weight
       base_value = flat_params[path] if layer is None else flat_params[path][layer]
