@@ -402,7 +402,7 @@ def load_adapter(directory, params, config, rng=None) -> tuple[base.PeftMethod, 
   prefix = config.base_prefix + '.'
   names.update({n[len(prefix):]: v for n, v in list(names.items()) if n.startswith(prefix)})
   tied = _tied_embedding(config, ('/'.join(p) for p in flat_params),
-                         hf.get('task_type') == 'CAUSAL_LM')
+                         hf.get('task_type') in (None, 'CAUSAL_LM'))
   tie = bool(hf.get('ensure_weight_tying')) and tied is not None and _ties_in_hf(config, tied)
   r_default, alpha_default = hf.get('r'), hf.get('lora_alpha')
   found, saved, ranks, alphas = {}, {}, {}, {}   # keyed by (flax module, leaf) / param path

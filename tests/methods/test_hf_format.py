@@ -220,6 +220,15 @@ def test_hf_saved_tied_embedding_loads(family, tie, hf_saved, flax_model):
       'name': 'modules_to_save', 'paths': [path], 'ensure_weight_tying': tie and HF_TIES[family]}
 
 
+def test_hf_tied_embedding_without_task_type_loads(hf_saved, flax_model):
+  """A LoraConfig without task_type (HF's plain PeftModel) still ties the causal LM's head."""
+  config = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=['q_proj'],
+                           modules_to_save=['embed_tokens'], ensure_weight_tying=True)
+  diff, loaded = _import_parity(hf_saved, flax_model, 'llama_tied', 'causal_lm', config)
+  assert diff < ATOL
+  assert loaded.spec.hparams['methods'][1]['ensure_weight_tying']
+
+
 def test_tied_copy_round_trips_where_hf_does_not_tie(flax_model, tmp_path):
   """GPT-2's head tied to the saved copy goes out as lm_head's copy and comes back tied; a head
   copy that differs from the embedding's cannot be held by a tied model."""
