@@ -27,10 +27,10 @@ from flax import traverse_util
 from flax.core import meta
 
 from peftjax import errors
-from peftjax.models import registry
+from peftjax.models import families, registry
 
 # Heads Hugging Face also creates fresh when the checkpoint lacks them (fine-tuning a base model).
-NEW_HEADS = ('score', 'classifier', 'pooler')
+NEW_HEADS = families.NEW_HEADS
 
 
 def param_shapes(config, task: str = 'causal_lm') -> dict:

@@ -14,6 +14,8 @@ leading layer axis when ``scan_layers=True``, else ``<stack>_0``, ``<stack>_1``,
 ('classifier',)
 >>> HEAD_MODULES
 ('classifier', 'lm_head', 'score')
+>>> NEW_HEADS
+('classifier', 'pooler', 'score')
 """
 from __future__ import annotations
 
@@ -53,6 +55,11 @@ BASE_PREFIX = {'llama': 'model', 'mistral': 'model', 'qwen2': 'model', 'gpt2': '
 # Every top-level head module name of any family (HF PEFT's ``all-linear`` leaves them out).
 HEAD_MODULES = tuple(sorted({h for lay in LAYOUTS.values() for hs in lay.heads.values()
                              for h in hs}))
+# Heads HF creates fresh when a checkpoint lacks them (a base model loaded for a task): the
+# sequence-level heads and BERT's pooler; a missing LM head is an error.
+NEW_HEADS = tuple(sorted({h for lay in LAYOUTS.values() for task, hs in lay.heads.items()
+                          if task != 'causal_lm' for h in hs} |
+                         {lay.pooler for lay in LAYOUTS.values() if lay.pooler}))
 
 
 def model_type_of(config_or_type) -> str:
