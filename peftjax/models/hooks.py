@@ -16,7 +16,8 @@
 
 With a KV cache both hooks act at prefill only (the first call on an empty cache): the prefix is
 written into the first cache slots, virtual tokens are cached like tokens; decode steps ignore
-them, as HF PEFT injects prompts only into an empty cache. The cache needs ``P + V`` more slots.
+them, as HF PEFT injects prompts only into an empty cache (explicit ``position_ids`` of decode
+steps are therefore taken as given). The cache needs ``P + V`` more slots.
 
 >>> import jax, jax.numpy as jnp
 >>> from peftjax.models import llama
