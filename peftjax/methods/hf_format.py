@@ -497,10 +497,8 @@ def load_adapter(directory, params, config, rng=None) -> tuple[base.PeftMethod, 
 
 def save_merged(directory, method: base.PeftMethod, adapter, params, config, tokenizer=None,
                 task: str | None = None) -> pathlib.Path:
-  """Merges ``adapter`` into ``params`` and writes a plain transformers checkpoint.
-
-  >>> save_merged('/tmp/m', method, adapter, pre.params, pre.config)  # doctest: +SKIP
-  """
+  """Merges ``adapter`` into ``params`` and writes a plain transformers checkpoint (e.g.
+  ``save_merged(directory, method, adapter, pre.params, pre.config, pre.tokenizer)``)."""
   if method.merge is None:
     raise ValueError('this method cannot be merged into the base weights')
   return auto.save_pretrained(directory, config, method.merge(adapter, params), tokenizer, task)
