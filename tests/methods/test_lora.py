@@ -141,7 +141,8 @@ def test_low_rank_custom_vjp_matches_autodiff(dtype):
   g = jax.random.normal(kg, (2, 5, 7), dtype)
   plain = lambda x, a, b: jnp.sum((2.5 * ((x @ a) @ b) * g).astype(jnp.float32))
   custom = lambda x, a, b: jnp.sum((low_rank(x, a, b, 2.5) * g).astype(jnp.float32))
-  tol = 1e-5 if dtype == jnp.float32 else 5e-2
+  # float32: measured max relative diff 1.5e-6 (values up to ~80); bfloat16 rounding: 5e-2
+  tol = 5e-6 if dtype == jnp.float32 else 5e-2
   np.testing.assert_allclose(custom(x, a, b), plain(x, a, b), rtol=tol)
   for want, got in zip(jax.grad(plain, (0, 1, 2))(x, a, b), jax.grad(custom, (0, 1, 2))(x, a, b)):
     assert got.dtype == want.dtype and got.shape == want.shape

@@ -87,14 +87,16 @@ def test_identity_at_init_and_merged_equals_unmerged(name, scan):
   apply = _model(scan)[1]
   base = apply({'params': params}, x)
   adapted = jax.jit(method.apply(model.apply))
-  np.testing.assert_allclose(adapted(adapter, params, x), base, atol=1e-6)
+  # measured max |diff| 8.3e-7 (DoRA recomputes the column norms), 0.0 for the others
+  np.testing.assert_allclose(adapted(adapter, params, x), base, atol=2e-6, rtol=0)
 
   tuned = _perturb(adapter)
   y = adapted(tuned, params, x)
   assert np.abs(y - base).max() > 1e-3  # the adapter does act on the output
   if method.merge is not None:
     merged = jax.jit(method.merge)(tuned, params)
-    np.testing.assert_allclose(apply({'params': merged}, x), y, atol=1e-5)
+    # outputs up to ~7: measured max |diff| 1.9e-6 (rslora), 1.7e-6 (ia3, lora+bitfit)
+    np.testing.assert_allclose(apply({'params': merged}, x), y, atol=5e-6, rtol=0)
     assert jax.tree.structure(merged) == jax.tree.structure(tree.unflatten(tree.flatten(params)))
 
 

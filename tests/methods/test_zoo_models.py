@@ -30,13 +30,14 @@ def test_identity_at_init_and_merged_equals_unmerged(method, scan):
   base = apply(params, ids)
   adapter = method.init(jax.random.key(2), params)
   adapted = jax.jit(lambda a, p, i: method.apply(model.apply)(a, p, i).logits)
-  np.testing.assert_allclose(adapted(adapter, params, ids), base, atol=1e-5)
+  np.testing.assert_allclose(adapted(adapter, params, ids), base, atol=5e-7, rtol=0)  # measured 9e-8
 
   rng = np.random.default_rng(3)
   tuned = jax.tree.map(lambda l: l + 0.1 * rng.normal(size=l.shape).astype(np.float32), adapter)
   y = adapted(tuned, params, ids)
   assert np.abs(y - base).max() > 1e-3
-  np.testing.assert_allclose(apply(method.merge(tuned, params), ids), y, atol=1e-5)
+  np.testing.assert_allclose(apply(method.merge(tuned, params), ids), y, atol=5e-7,
+                             rtol=0)   # measured 1.2e-7
 
 
 def test_lora_paths_follow_hf_names():
@@ -56,7 +57,9 @@ def test_boxed_params_are_accepted():
   assert jax.tree.map(np.shape, nn.meta.unbox(adapter)) == jax.tree.map(
       np.shape, method.init(jax.random.key(2), params))
   adapted = jax.jit(lambda a, p: method.apply(model.apply)(a, p, ids).logits)
-  np.testing.assert_allclose(adapted(adapter, boxed), adapted(adapter, params), atol=1e-6)
+  np.testing.assert_allclose(adapted(adapter, boxed), adapted(adapter, params), atol=1e-6,
+                             rtol=0)   # measured 0.0
   merged = method.merge(adapter, boxed)
   np.testing.assert_allclose(merged['model']['layers']['self_attn']['q_proj']['kernel'],
-                             params['model']['layers']['self_attn']['q_proj']['kernel'], atol=1e-6)
+                             params['model']['layers']['self_attn']['q_proj']['kernel'], atol=1e-6,
+                             rtol=0)   # measured 0.0

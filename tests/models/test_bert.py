@@ -8,7 +8,8 @@ import transformers
 from peftjax import assets
 from peftjax.models import auto
 
-TOL = 1e-4
+# float32 vs transformers on the tiny encoders: measured max |diff| 9.5e-7 (hidden states, scan).
+TOL = 3e-6
 ENCODERS = ['bert', 'roberta']
 
 
@@ -47,7 +48,7 @@ def test_roberta_positions_skip_padding_idx(flax_model, zoo):
   embeds = m.params['roberta']['embeddings']['word_embeddings']['embedding'][ids]
   a = m.apply({'params': m.params}, ids, attention_mask=mask).hidden
   b = m.apply({'params': m.params}, inputs_embeds=embeds, attention_mask=mask).hidden
-  assert zoo.max_diff_at(a, b, mask) < 1e-6
+  assert zoo.max_diff_at(a, b, mask) < 1e-6     # measured 0.0
 
 
 def test_masked_prefix_is_a_no_op(flax_model, zoo):
@@ -60,7 +61,7 @@ def test_masked_prefix_is_a_no_op(flax_model, zoo):
   base = m.apply(v, ids, attention_mask=mask).logits
   hidden = m.apply(v, ids, attention_mask=mask, prefix_kv=prefix, prefix_mask=jnp.zeros((3, 4)))
   seen = m.apply(v, ids, attention_mask=mask, prefix_kv=prefix, prefix_mask=jnp.ones((3, 4)))
-  assert np.abs(hidden.logits - base).max() < 1e-6
+  assert np.abs(hidden.logits - base).max() < 1e-6     # measured 0.0
   assert np.abs(seen.logits - base).max() > 1e-4
 
 
@@ -90,4 +91,5 @@ def test_all_minilm_checkpoint_matches_transformers():
   with torch.no_grad():
     want = hf(**{k: torch.as_tensor(v) for k, v in batch.items()}).last_hidden_state.numpy()
   mask = batch['attention_mask']
-  assert np.abs(np.asarray(out.hidden)[mask == 1] - want[mask == 1]).max() < TOL
+  # 6 real layers in float32: measured max |diff| 1.5e-6
+  assert np.abs(np.asarray(out.hidden)[mask == 1] - want[mask == 1]).max() < 5e-6

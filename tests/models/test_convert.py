@@ -110,4 +110,4 @@ def test_load_pretrained_from_a_directory(hf_model, flax_model, zoo):
   assert pre.config.scan_layers and pre.task == 'causal_lm'
   got = pre.module.apply({'params': pre.params}, ids, attention_mask=mask).logits
   ref = want.apply({'params': want.params}, ids, attention_mask=mask).logits
-  assert zoo.max_diff_at(got, ref, mask) < 1e-5
+  assert zoo.max_diff_at(got, ref, mask) < 2e-6   # measured 4.8e-7

@@ -9,7 +9,8 @@ import transformers
 
 from peftjax.models import auto, layers, registry
 
-TOL = 1e-4
+# float32 logits vs transformers: measured max |diff| 7.7e-7.
+TOL = 3e-6
 
 
 @pytest.mark.parametrize('scan', [False, True])
@@ -33,7 +34,7 @@ def test_kv_cache_decoding_equals_full_forward(flax_model, zoo):
     out = m.apply(v, ids[:, i:i + 1], attention_mask=mask[:, i:i + 1], cache=cache)
     steps.append(out.logits)
     cache = out.cache
-  assert zoo.max_diff_at(jnp.concatenate(steps, axis=1), full, mask) < 1e-5
+  assert zoo.max_diff_at(jnp.concatenate(steps, axis=1), full, mask) < 3e-6   # measured 7.2e-7
 
 
 def test_classification_matches_transformers(hf_model, flax_model, zoo):
@@ -74,4 +75,6 @@ def test_dropout_with_scan_and_remat_trains(hf_model, flax_model, zoo):
   assert l1 != l2
   assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
   plain = ref.apply({'params': ref.params}, ids, attention_mask=mask).logits
-  assert abs(loss_and_grad(ref.params, k1, True)[0] - (plain * mask[..., None]).sum()) < 1e-3
+  # deterministic=True is the plain forward: measured equal to the bit
+  np.testing.assert_allclose(loss_and_grad(ref.params, k1, True)[0], (plain * mask[..., None]).sum(),
+                             rtol=1e-6)

@@ -10,7 +10,8 @@ from peftjax import assets
 from peftjax.models import auto, layers
 
 LLAMAS = ['llama_gqa', 'llama_tied', 'llama3_rope', 'qwen2', 'mistral_window']
-TOL = 1e-4
+# float32 logits vs transformers: measured max |diff| 1.6e-6 (llama3_rope), 7e-7 (llama_gqa).
+TOL = 5e-6
 
 
 @pytest.mark.parametrize('name', LLAMAS)
@@ -30,7 +31,7 @@ def test_scanned_equals_unscanned(name, flax_model, zoo):
   assert scanned.params['model']['layers']['self_attn']['q_proj']['kernel'].shape[0] == 2
   a = plain.apply({'params': plain.params}, ids, attention_mask=mask).logits
   b = scanned.apply({'params': scanned.params}, ids, attention_mask=mask).logits
-  assert zoo.max_diff_at(a, b, mask) < 1e-5
+  assert zoo.max_diff_at(a, b, mask) < 1e-6     # measured 0.0
 
 
 @pytest.mark.parametrize('name,scan', [('llama_gqa', False), ('llama_gqa', True),
@@ -48,7 +49,7 @@ def test_kv_cache_decoding_equals_full_forward(name, scan, flax_model, zoo):
     cache = out.cache
   assert int(cache.index) == ids.shape[1]
   np.testing.assert_array_equal(cache.pos, mask.sum(1))
-  assert zoo.max_diff_at(jnp.concatenate(steps, axis=1), full, mask) < 1e-5
+  assert zoo.max_diff_at(jnp.concatenate(steps, axis=1), full, mask) < 2e-6   # measured 4.8e-7
 
 
 def test_classification_scores_last_non_pad_token(hf_model, flax_model, zoo):
@@ -74,7 +75,7 @@ def test_inputs_embeds_equals_input_ids(flax_model, zoo):
   embeds = m.params['model']['embed_tokens']['embedding'][ids]
   a = m.apply({'params': m.params}, ids, attention_mask=mask).logits
   b = m.apply({'params': m.params}, inputs_embeds=embeds, attention_mask=mask).logits
-  assert zoo.max_diff_at(a, b, mask) < 1e-6
+  assert zoo.max_diff_at(a, b, mask) < 1e-6     # measured 0.0
 
 
 def test_masked_prefix_is_a_no_op_and_visible_prefix_is_not(flax_model, zoo):
@@ -91,7 +92,7 @@ def test_masked_prefix_is_a_no_op_and_visible_prefix_is_not(flax_model, zoo):
                    prefix_mask=jnp.zeros((3, 5), jnp.int32)).logits
   seen = m.apply(v, ids, attention_mask=mask, prefix_kv=prefix,
                  prefix_mask=jnp.ones((3, 5), jnp.int32)).logits
-  assert zoo.max_diff_at(hidden, base, mask) < 1e-6
+  assert zoo.max_diff_at(hidden, base, mask) < 1e-6     # measured 0.0
   assert zoo.max_diff_at(seen, base, mask) > 1e-3
 
 
@@ -146,8 +147,8 @@ def test_smollm2_gguf_matches_transformers(smollm2):
   with torch.no_grad():
     want = hf(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask),
               position_ids=torch.as_tensor(np.maximum(mask.cumsum(1) - 1, 0))).logits.numpy()
-  # 30 layers in float32, logits of magnitude ~30: agreement to ~1e-5 relative
-  assert np.abs(np.asarray(got)[mask == 1] - want[mask == 1]).max() < 1e-3
+  # 30 layers in float32, logits of magnitude ~30: measured max |diff| 1.44e-4 (~5e-6 relative)
+  assert np.abs(np.asarray(got)[mask == 1] - want[mask == 1]).max() < 5e-4
 
 
 @pytest.mark.slow
@@ -178,4 +179,4 @@ def test_packed_segments_equal_separate_sequences(flax_model):
   out = fm.apply({'params': fm.params}, packed, attention_mask=seg, position_ids=pos).logits
   for ids, at in ((a, slice(0, 4)), (b, slice(4, 7))):
     alone = fm.apply({'params': fm.params}, ids[None].astype(np.int32)).logits
-    np.testing.assert_allclose(out[0, at], alone[0], atol=1e-5)
+    np.testing.assert_allclose(out[0, at], alone[0], atol=2e-6, rtol=0)   # measured 3.9e-7
