@@ -16,6 +16,7 @@ from peftjax.methods.bitfit import bitfit
 from peftjax.methods.full import full
 from peftjax.methods.ia3 import ia3
 from peftjax.methods.lora import lora, lora_plus_labels
+from peftjax.methods.saved import modules_to_save
 
 METHODS = {
     'full': full,
@@ -26,6 +27,7 @@ METHODS = {
     'ia3': ia3,
     'houlsby': functools.partial(bottleneck_adapter, train_norms=True),
     'pfeiffer': bottleneck_adapter,
+    'modules_to_save': modules_to_save,
 }
 # Method name -> (constructor kwarg, targets table key) filled from ``model_type`` when omitted.
 _DEFAULT_TARGET_KWARGS = {

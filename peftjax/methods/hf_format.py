@@ -41,7 +41,6 @@ import json
 import pathlib
 import re
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -52,7 +51,8 @@ from flax.core import meta
 from peftjax import errors, tree
 from peftjax.methods import base
 from peftjax.methods.ia3 import ia3
-from peftjax.methods.lora import lora
+from peftjax.methods.lora import lora, pattern_value
+from peftjax.methods.saved import INPUT_EMBEDDING, modules_to_save, saved_leaf
 from peftjax.models import auto, convert, heads
 
 CONFIG_FILE = 'adapter_config.json'
@@ -66,7 +66,6 @@ LEAVES = {'lora_A': ('lora_A.weight', True, 'kernel'),
           'lora_embedding_B': ('lora_embedding_B', True, 'embedding'),
           'ia3_l': ('ia3_l', False, 'kernel')}
 # The copy of a saved embedding that only the module's input lookup reads.
-INPUT_EMBEDDING = 'input_embedding'
 # Adapter leaves that replace a base param (``input_embedding`` the lookup's ``embedding``).
 _PARAM_LEAVES = ('kernel', 'bias', 'scale', 'embedding', INPUT_EMBEDDING)
 # peftjax method names whose adapters HF PEFT can load.
@@ -261,7 +260,7 @@ def save_adapter(directory, method: base.PeftMethod, adapter, base_config, *,
     hf.update(feedforward_modules=_suffixes(feedforward, universe), init_ia3_weights=True)
   else:
     h = core.hparams
-    alphas = {n: _first_fullmatch(h['alpha_pattern'], adapted[n], h['alpha']) for n in ranks}
+    alphas = {n: pattern_value(h['alpha_pattern'], adapted[n], h['alpha']) for n in ranks}
     hf.update(r=h['rank'], lora_alpha=h['alpha'],
               use_rslora=h['rslora'], use_dora=h['dora'], lora_dropout=h['dropout'],
               rank_pattern={re.escape(n): r for n, r in sorted(ranks.items()) if r != h['rank']},
@@ -285,12 +284,6 @@ def _param_key(config, path: str, task: str | None) -> str:
   return _model_name(config, convert.hf_name(config, tuple(path.split('/')))[0], task)
 
 
-def _first_fullmatch(patterns, path: str, default):
-  """peftjax's pattern semantics (``lora``'s ``rank_pattern``/``alpha_pattern``): the value of
-  the first regex key that ``re.fullmatch``-es the module ``path``."""
-  return next((v for k, v in (patterns or {}).items() if re.fullmatch(k, path)), default)
-
-
 def read_config(directory) -> dict:
   """The ``adapter_config.json`` of a HF PEFT directory, checked for what peftjax supports."""
   directory = pathlib.Path(directory)
@@ -310,55 +303,6 @@ def read_config(directory) -> dict:
     raise errors.CheckpointError(f'{file}: bias={hf["bias"]!r} is not supported by peftjax '
                                  f'(one of {_BIAS_MODES})')
   return hf
-
-
-def _saved_leaf(path: str, ensure_weight_tying: bool) -> str:
-  """The adapter leaf holding the saved copy of base param ``path``."""
-  module, _, leaf = path.rpartition('/')
-  return f'{module}/{INPUT_EMBEDDING}' if leaf == 'embedding' and not ensure_weight_tying else path
-
-
-def _input_lookup(adapter_vars, module, call, ids, train):
-  """An ``nn.Embed`` lookup in the saved copy (what ``nn.Embed.__call__`` does)."""
-  del call, train
-  embedding, = nn.dtypes.promote_dtype(adapter_vars[INPUT_EMBEDDING], dtype=module.dtype,
-                                       inexact=False)
-  return jnp.take(embedding, ids, axis=0)
-
-
-def modules_to_save(paths, ensure_weight_tying: bool = False) -> base.PeftMethod:
-  """HF PEFT's ``modules_to_save``: trainable copies of the base params at ``paths``.
-
-  A copied param replaces the original wherever the model reads it, except an ``embedding``:
-  its copy (leaf ``<module>/input_embedding``) feeds only the module's input lookup, so a tied
-  LM head keeps reading the original embedding, as HF PEFT's ``ModulesToSaveWrapper`` does.
-  With ``ensure_weight_tying`` (HF PEFT's LoRA option) the copy replaces the embedding itself
-  and the tied head reads it too. Such an untied embedding copy cannot be merged (``merge`` is
-  None). Raises ValueError naming a path the base params lack.
-
-  >>> import jax, jax.numpy as jnp
-  >>> params = {'score': {'kernel': jnp.ones((4, 2))}, 'wte': {'embedding': jnp.ones((9, 4))}}
-  >>> heads = modules_to_save(['score/kernel', 'wte/embedding'])
-  >>> sorted(tree.flatten(heads.init(jax.random.key(0), params)))
-  ['score/kernel', 'wte/input_embedding']
-  >>> heads.spec.asdict()
-  {'name': 'modules_to_save', 'paths': ['score/kernel', 'wte/embedding'], 'ensure_weight_tying': False}
-  """
-  paths = sorted(paths)
-
-  def init(rng, params):
-    del rng
-    flat = tree.flatten(params)
-    missing = [p for p in paths if p not in flat]
-    if missing:
-      raise ValueError(f'modules_to_save: no base params at {missing}')
-    return tree.unflatten({_saved_leaf(p, ensure_weight_tying): jax.tree.map(jnp.copy, flat[p])
-                           for p in paths})
-
-  untied = any(_saved_leaf(p, ensure_weight_tying) != p for p in paths)
-  spec = base.Spec('modules_to_save', {'paths': paths, 'ensure_weight_tying': ensure_weight_tying})
-  method = base.weight_space(init, _input_lookup, leaves=(INPUT_EMBEDDING,), spec=spec)
-  return method._replace(merge=None) if untied else method
 
 
 def _expected(leaf: str, weight_shape, r) -> set[tuple]:
@@ -483,7 +427,7 @@ def load_adapter(directory, params, config, rng=None) -> tuple[base.PeftMethod, 
     method = base.compose(method, modules_to_save(sorted(saved), ensure_weight_tying=tie))
   adapter = tree.flatten(method.init(jax.random.key(0) if rng is None else rng, params))
   loaded = {f'{m}/{l}': v for (m, l), v in found.items()}
-  loaded |= {_saved_leaf(p, tie): v for p, v in saved.items()}
+  loaded |= {saved_leaf(p, tie): v for p, v in saved.items()}
   for path, by_layer in loaded.items():
     if path not in adapter:
       raise errors.CheckpointError(f'{file}: {path} is not part of a {hf["peft_type"]} adapter '

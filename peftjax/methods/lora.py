@@ -68,7 +68,7 @@ def _column_norm(w):
   return jnp.linalg.norm(w.astype(jnp.float32), axis=-2)
 
 
-def _pattern_value(patterns, path: str, default):
+def pattern_value(patterns, path: str, default):
   """The value of the first key of ``patterns`` (regexes over module paths) that
   ``re.fullmatch``-es ``path`` (HF PEFT's ``rank_pattern``/``alpha_pattern`` semantics)."""
   return next((v for k, v in (patterns or {}).items() if re.fullmatch(k, path)), default)
@@ -104,13 +104,13 @@ def lora(rank: int = 8, alpha: float = 8.0, target: str = targets.ALL_LINEAR,
                                 alpha_pattern=dict(alpha_pattern or {})))
 
   def module_scale(path: str, r: int) -> float:
-    return _scale(_pattern_value(alpha_pattern, path, alpha), r, rslora)
+    return _scale(pattern_value(alpha_pattern, path, alpha), r, rslora)
 
   def init(rng, params):
     adapter = {}
     weights = targets.modules(params, target, kinds=('kernel', 'embedding'))
     for path, w, key in targets.keyed(rng, weights):
-      r = _pattern_value(rank_pattern, path, rank)
+      r = pattern_value(rank_pattern, path, rank)
       d_in, d_out = w.value.shape[-2:]
       if w.kind == 'embedding':
         if dora:

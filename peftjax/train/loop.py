@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-import re
 import time
 
 import jax
@@ -27,13 +26,12 @@ import tqdm
 
 from peftjax import data, methods, sharding, tree
 from peftjax.methods import hf_format
-from peftjax.models import auto
+from peftjax.models import auto, families
 from peftjax.train import checkpoint as ckpt_lib
 from peftjax.train import optim, step as step_lib, tasks
 from peftjax.train import state as state_lib
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-_HEADS = r'(classifier|score)/.*'   # HF PEFT's modules_to_save for sequence classification
 
 
 def build_method(peft_config, pretrained) -> methods.PeftMethod:
@@ -46,8 +44,9 @@ def build_method(peft_config, pretrained) -> methods.PeftMethod:
   if peft_config.trainable_heads and peft_config.method != 'full':
     trained = tree.flatten(jax.eval_shape(method.init, jax.random.key(0), pretrained.params))
     heads = [p for p in tree.flatten(pretrained.params)
-             if re.fullmatch(_HEADS, p) and p not in trained]   # BitFit already has head biases
-    method = methods.compose(method, hf_format.modules_to_save(heads))
+             if p.split('/')[0] in families.head_modules(pretrained.config, 'classification')
+             and p not in trained]   # BitFit already has head biases
+    method = methods.compose(method, methods.modules_to_save(heads))
   return method
 
 

@@ -127,7 +127,7 @@ def test_export_loads_in_hf_peft_and_merged_in_transformers(method, family, hf_m
     peft_method = methods.get(method, rank=RANK, alpha=ALPHA)   # all-linear, as HF PEFT's
   if task == 'classification':   # a trained head, saved as HF PEFT's modules_to_save
     peft_method = methods.compose(
-        peft_method, hf_format.modules_to_save(['classifier/kernel', 'classifier/bias']))
+        peft_method, methods.modules_to_save(['classifier/kernel', 'classifier/bias']))
   diff, config = _export_parity(peft_method, name, task, hf_model, flax_model,
                                 tmp_path / 'adapter')
   assert diff < ATOL
@@ -200,7 +200,7 @@ HF_TIES = {'llama': True, 'gpt2': False}
 def test_saved_tied_embedding_exports(family, tie, hf_model, flax_model, tmp_path):
   name, path, _, proj = TIED[family]
   method = methods.compose(methods.lora(rank=RANK, alpha=ALPHA, target=f'.*/{proj}'),
-                           hf_format.modules_to_save([path], ensure_weight_tying=tie))
+                           methods.modules_to_save([path], ensure_weight_tying=tie))
   diff, config = _export_parity(method, name, 'causal_lm', hf_model, flax_model, tmp_path)
   assert diff < ATOL
   assert config['ensure_weight_tying'] == (tie and HF_TIES[family])
@@ -234,7 +234,7 @@ def test_tied_copy_round_trips_where_hf_does_not_tie(flax_model, tmp_path):
   copy that differs from the embedding's cannot be held by a tied model."""
   fm = flax_model('gpt2', 'causal_lm')
   method = methods.compose(methods.lora(rank=RANK, alpha=ALPHA, target='.*/c_attn'),
-                           hf_format.modules_to_save(['transformer/wte/embedding'],
+                           methods.modules_to_save(['transformer/wte/embedding'],
                                                      ensure_weight_tying=True))
   adapter = _perturbed(method, fm)
   hf_format.save_adapter(tmp_path / 'a', method, adapter, fm.config)
@@ -254,7 +254,7 @@ def test_saved_embedding_feeds_only_the_input_lookup(flax_model):
   ModulesToSaveWrapper), so the copy cannot be merged; with it, the copy is the embedding."""
   fm = flax_model('llama_tied', 'causal_lm')
   path = 'model/embed_tokens/embedding'
-  untied, tied = (hf_format.modules_to_save([path], ensure_weight_tying=t) for t in (False, True))
+  untied, tied = (methods.modules_to_save([path], ensure_weight_tying=t) for t in (False, True))
   original = fm.params['model']['embed_tokens']['embedding']
   copy = original + 0.1 * jax.random.normal(jax.random.key(0), original.shape)
   a = _jax_out(untied, {'model': {'embed_tokens': {'input_embedding': copy}}}, fm, 'causal_lm')
@@ -465,7 +465,7 @@ def test_methods_hf_cannot_hold_are_refused(flax_model, tmp_path):
 def test_modules_to_save_names_missing_paths(flax_model):
   fm = flax_model('llama_gqa', 'causal_lm')
   with pytest.raises(ValueError, match=r"no base params at \['score/kernel'\]"):
-    hf_format.modules_to_save(['score/kernel']).init(jax.random.key(0), fm.params)
+    methods.modules_to_save(['score/kernel']).init(jax.random.key(0), fm.params)
 
 
 def test_shape_mismatch_names_tensor_and_shapes(hf_saved, flax_model, tmp_path):

@@ -11,7 +11,6 @@ import optax
 import pytest
 
 from peftjax import methods, sharding
-from peftjax.methods import hf_format
 from peftjax.models import heads
 from peftjax.objectives import lm
 from peftjax.train import tasks
@@ -124,7 +123,7 @@ def test_lm_head_lora_dropout_in_training(flax_model):
     # a replaced param: the fused path reads the head from the substituted params
     ('llama_tied', methods.full()),
     ('llama_gqa', methods.compose(methods.lora(rank=4, target='.*/q_proj'),
-                                  hf_format.modules_to_save(['lm_head/kernel']))),
+                                  methods.modules_to_save(['lm_head/kernel']))),
 ])
 def test_fused_head_equals_naive(flax_model, name, method):
   fm, adapter, apply, loss_fn = setup(flax_model, name, method)
