@@ -14,7 +14,8 @@ from peftjax import methods, sharding, tree
 
 SPECS = [('lora', dict(rank=2)), ('rslora', dict(rank=2, alpha=4.0)), ('dora', dict(rank=2)),
          ('ia3', {}), ('houlsby', dict(bottleneck=3)), ('pfeiffer', dict(activation='gelu')),
-         ('full', dict(target='lm_head/kernel'))]
+         ('full', dict(target='lm_head/kernel')),
+         ('modules_to_save', dict(paths=['lm_head/kernel', 'model/embed_tokens/embedding']))]
 
 
 @pytest.fixture(scope='module')
