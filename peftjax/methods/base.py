@@ -151,7 +151,8 @@ def weight_space(init, hook: Optional[Hook] = None, *, leaves=(), merge=substitu
   adapter holds any of the leaf names ``leaves``.
 
   Raises ValueError at trace time if such an adapter module is never called (e.g. an ``nn.scan``
-  whose ``variable_axes`` leaves out the ``'adapter'`` collection).
+  whose ``variable_axes`` leaves out the ``'adapter'`` collection) in a whole-model call (no
+  ``method=``; a ``method=`` call such as the head runs only part of the model).
   """
   leaves = frozenset(leaves)
 
@@ -167,7 +168,7 @@ def weight_space(init, hook: Optional[Hook] = None, *, leaves=(), merge=substitu
         out = apply_fn(variables, *args, **kw)
       unused = sorted(m for m, av in by_module(adapter).items()
                       if leaves & av.keys() and m not in used)
-      if unused:
+      if unused and kw.get('method') is None:   # a method= call (e.g. the head) runs a part
         raise ValueError(f'adapter modules never called as nn.Dense/DenseGeneral/Embed: {unused}; is '
                          f"the '{ADAPTER}' collection in each nn.scan's variable_axes "
                          '(e.g. {True: 0})?')
