@@ -7,7 +7,7 @@ dependencies are heavy and unneeded); an alias resolves to a file or folder in s
   python -m peftjax.assets path smollm2-135m-instruct
 
 >>> from peftjax import assets
->>> assets.path('all-minilm-l6-v2').name    # doctest: +SKIP
+>>> assets.path('all-minilm-l6-v2').name
 'model'
 """
 from __future__ import annotations

@@ -118,7 +118,13 @@ def model_shardings(module: nn.Module, mesh: Mesh, rules=DEFAULT_RULES) -> tuple
   """Logical axes and shardings of a zoo model's params, from an abstract (never materialised)
   init: what loaded checkpoints are `device_put` with.
 
-  >>> axes, shardings = model_shardings(pre.module, mesh)   # doctest: +SKIP
+  >>> from peftjax.models import registry
+  >>> config = registry.config_from_hf(dict(
+  ...     model_type='llama', vocab_size=64, hidden_size=32, intermediate_size=64,
+  ...     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+  >>> axes, shardings = model_shardings(registry.build(config, 'causal_lm'), make_mesh())
+  >>> axes['lm_head']['kernel'], shardings['lm_head']['kernel'].spec
+  (('embed', 'vocab'), P('fsdp', 'tensor'))
   """
   boxed = jax.eval_shape(lambda: module.init(jax.random.key(0), np.ones((1, 2), np.int32)))
   return logical_axes(boxed['params']), param_shardings(boxed['params'], mesh, rules)

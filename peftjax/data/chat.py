@@ -8,9 +8,14 @@ token included). Trailing whitespace-only tokens (the newline ChatML puts after
 ``<|im_end|>``) are left out. A template that renders earlier turns differently once more
 turns follow, or a token merge across the boundary, raises a ``DataError`` naming the row.
 
->>> ids, mask = encode_chat(tokenizer, pair_messages('Hi', 'Hello!'), row=0)  # doctest: +SKIP
->>> tokenizer.decode(ids[mask == 1])                                          # doctest: +SKIP
-'Hello!<|im_end|>'
+With MiniLM's tokenizer, which has no chat template (so ``FALLBACK_TEMPLATE``, turns closed by
+``[SEP]``):
+
+>>> from peftjax.models.tokenizer import load_tokenizer
+>>> tokenizer = load_tokenizer('all-minilm-l6-v2')
+>>> ids, mask = encode_chat(tokenizer, pair_messages('Hi', 'Hello!'), row=0)
+>>> tokenizer.decode(ids[mask == 1])
+'hello! [SEP]'
 """
 from __future__ import annotations
 

@@ -3,10 +3,10 @@
 Every source returns a ``datasets.Dataset`` (or a ``DatasetDict`` of splits).
 
 >>> from peftjax.data import sources
->>> splits = sources.sentiment_tweets(seed=0)           # doctest: +SKIP
->>> splits['train'].column_names                         # doctest: +SKIP
+>>> splits = sources.sentiment_tweets(seed=0)
+>>> splits['train'].column_names
 ['text', 'label', 'confidence']
->>> len(sources.chatterbot_pairs())                      # doctest: +SKIP
+>>> len(sources.chatterbot_pairs())
 2393
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ def open_dataset(source: str, *, split: str = 'train', **kwargs) -> datasets.Dat
   ``datasets.load_dataset(source, split=split, **kwargs)``, which needs the network unless
   the dataset is in the local cache (``HF_DATASETS_OFFLINE=1`` makes it fail fast).
 
-  >>> open_dataset('chatterbot-english')[0]['prompt']      # doctest: +SKIP
+  >>> open_dataset('chatterbot-english')[0]['prompt']
   'What is AI?'
   """
   path = pathlib.Path(source)

@@ -6,9 +6,10 @@ A row longer than ``max_length`` tokens is handled by the ``overflow`` policy: `
 non-string values and rows the tokenizer rejects raise a ``DataError`` naming column and row.
 
 >>> import datasets
+>>> from peftjax.models.tokenizer import load_tokenizer
 >>> rows = datasets.Dataset.from_dict({'text': ['good', 'bad'], 'label': [1, 0]})
->>> enc = encode_classification(rows, tokenizer, max_length=16)   # doctest: +SKIP
->>> enc.dataset.column_names, enc.num_skipped                     # doctest: +SKIP
+>>> enc = encode_classification(rows, load_tokenizer('all-minilm-l6-v2'), max_length=16)
+>>> enc.dataset.column_names, enc.num_skipped
 (['input_ids', 'token_type_ids', 'labels'], 0)
 """
 from __future__ import annotations
