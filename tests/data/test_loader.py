@@ -71,7 +71,7 @@ def test_last_batch_drop_or_pad():
   dropped = list(make(num_epochs=1, shuffle=False))
   assert ids(dropped) == [[0, 1, 2, 3], [4, 5, 6, 7]]
   padded = list(make(num_epochs=1, shuffle=False, last_batch='pad'))
-  assert len(padded) == 3
+  assert len(padded) == 3      # ceil(10 rows / 4)
   np.testing.assert_array_equal(padded[2]['example_mask'], [1, 1, 0, 0])
   np.testing.assert_array_equal(padded[2]['attention_mask'][2:], 0)
 

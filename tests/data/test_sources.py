@@ -33,8 +33,10 @@ def test_normalize_text():
 def test_sentiment_tweets_dedup_split_deterministic():
   splits = sources.sentiment_tweets(seed=0)
   train, val = splits['train'], splits['validation']
-  assert (len(train), len(val)) == (20505, 2279)
-  assert sum(train['label'][:]) == 6134 and sum(val['label'][:]) == 682   # 1 = positive
+  neg, pos = 15_968, 6_816    # distinct tweets per class, counted once in the bundled CSV
+  val_neg, val_pos = round(0.1 * neg), round(0.1 * pos)     # 10% of each class held out
+  assert (len(train), len(val)) == (neg + pos - val_neg - val_pos, val_neg + val_pos)
+  assert sum(train['label'][:]) == pos - val_pos and sum(val['label'][:]) == val_pos  # 1 = positive
   texts = [sources.normalize_text(t) for t in train['text'][:] + val['text'][:]]
   assert len(set(texts)) == len(texts)
   again = sources.sentiment_tweets(seed=0)
@@ -46,7 +48,7 @@ def test_sentiment_tweets_dedup_split_deterministic():
 @pytest.mark.slow
 def test_chatterbot_pairs():
   pairs = sources.chatterbot_pairs()
-  assert len(pairs) == 2393
+  assert len(pairs) == 2393     # counted once: the pairs of the 21 bundled YAML files
   assert pairs.column_names == ['prompt', 'response', 'category']
   assert pairs[0] == {'prompt': 'What is AI?', 'response': 'Artificial Intelligence is the '
                       'branch of engineering and science devoted to constructing machines '

@@ -63,7 +63,9 @@ def _shapes(method):
 
 @pytest.mark.parametrize('name, kwargs, expected', [
     ('lora', dict(rank=8, model_type='roberta'), 12 * 2 * (768 * 8 + 8 * 768)),  # 294,912
-    ('lora', dict(rank=8, target='all-linear'), 1_327_104),
+    # all-linear: q, k, v, attention.output (768 -> 768), intermediate (768 -> 3072), output
+    # (3072 -> 768); r * (d_in + d_out) each: 1,327,104
+    ('lora', dict(rank=8, target='all-linear'), 12 * 8 * (4 * (768 + 768) + 2 * (768 + 3072))),
     ('dora', dict(rank=8, model_type='roberta'), 294_912 + 12 * 2 * 768),
     ('ia3', dict(model_type='roberta'), 12 * (768 + 768 + 768 + 3072)),  # 64,512
     ('bitfit', {}, 12 * (4 * 768 + 3072 + 768) + 2),
