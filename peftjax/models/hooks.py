@@ -100,9 +100,9 @@ def write_prefix(cache: layers.KVCache, prefix_kv, prefix_mask) -> layers.KVCach
   valid = (jnp.ones((cache.mask.shape[0], p), bool) if prefix_mask is None
            else prefix_mask.astype(bool))
   write = lambda buf, a: jax.lax.dynamic_update_slice_in_dim(buf, a.astype(buf.dtype),
-                                                             cache.index, axis=2)
+                                                             cache.index, axis=1)
   return cache.replace(
-      k=write(cache.k, k), v=write(cache.v, v),
+      k=tuple(map(write, cache.k, k)), v=tuple(map(write, cache.v, v)),
       mask=jax.lax.dynamic_update_slice_in_dim(cache.mask, valid, cache.index, axis=1),
       index=cache.index + p, pos=cache.pos + valid.sum(axis=1, dtype=jnp.int32))
 

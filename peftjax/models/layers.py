@@ -173,14 +173,17 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
 
 @struct.dataclass
 class KVCache:
-  """Keys/values ``[layers, batch, max_len, kv_heads, head_dim]``, the valid-slot ``mask``
-  ``[batch, max_len]``, the next write slot ``index`` and the next position id per row ``pos``.
+  """Keys/values: tuples with one ``[batch, max_len, kv_heads, head_dim]`` array per layer
+  (separate buffers, so a decode step writes its token into each in place: a stacked
+  ``[layers, ...]`` array is sliced and re-stacked, a copy of the whole cache per step), the
+  valid-slot ``mask`` ``[batch, max_len]``, the next write slot ``index`` and the next position
+  id per row ``pos``.
 
   ``started`` (static) is False until a call has written into the cache: the input hooks
   (``prompt_embeds``, ``prefix_kv``) enter a cache only then, at prefill, as HF PEFT injects
   them only into an empty cache; later calls (decode steps) ignore them."""
-  k: Array
-  v: Array
+  k: tuple[Array, ...]
+  v: tuple[Array, ...]
   mask: Array
   index: Array
   pos: Array
@@ -194,11 +197,13 @@ def init_cache(config, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
   >>> from peftjax.models import llama
   >>> config = llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
   ...                            num_layers=2, num_heads=4, num_kv_heads=2)
-  >>> init_cache(config, batch=2, max_len=16).k.shape   # [layers, batch, max_len, kv_heads, head_dim]
-  (2, 2, 16, 2, 8)
+  >>> cache = init_cache(config, batch=2, max_len=16)
+  >>> len(cache.k), cache.k[0].shape     # layers; [batch, max_len, kv_heads, head_dim]
+  (2, (2, 16, 2, 8))
   """
-  shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
-  return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+  shape = (batch, max_len, config.num_kv_heads, config.head_dim)
+  zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+  return KVCache(k=zeros(), v=zeros(),
                  mask=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32),
                  pos=jnp.zeros((batch,), jnp.int32))
 
@@ -382,16 +387,17 @@ def stack_layers(block_cls, config):
 
 
 def run_layers(layers, x, kv=None, prefix_kv=None, ctx=None):
-  """Runs a ``stack_layers`` result; ``kv``/``prefix_kv`` are (k, v) with a leading layer axis.
+  """Runs a ``stack_layers`` result; ``kv`` is a cache's (k, v), tuples with one array per
+  layer; ``prefix_kv`` is (k, v) with a leading layer axis.
 
-  Returns ``(x, (k, v) stacked over layers or None)``."""
-  if not isinstance(layers, (list, tuple)):
-    return layers(x, kv, prefix_kv, ctx)
+  Returns ``(x, (k, v) per-layer tuples, or None)``."""
+  if not isinstance(layers, (list, tuple)):   # nn.scan slices stacked arrays
+    stacked = None if kv is None else tuple(jnp.stack(a) for a in kv)
+    x, stacked = layers(x, stacked, prefix_kv, ctx)
+    return x, None if kv is None else tuple(tuple(a) for a in stacked)
   outs = []
   for i, layer in enumerate(layers):
-    take = lambda tree: None if tree is None else jax.tree.map(lambda a: a[i], tree)
-    x, layer_kv = layer(x, take(kv), take(prefix_kv), ctx)
+    layer_prefix = None if prefix_kv is None else (prefix_kv[0][i], prefix_kv[1][i])
+    x, layer_kv = layer(x, None if kv is None else (kv[0][i], kv[1][i]), layer_prefix, ctx)
     outs.append(layer_kv)
-  if kv is None:
-    return x, None
-  return x, jax.tree.map(lambda *a: jnp.stack(a), *outs)
+  return x, None if kv is None else tuple(zip(*outs))
