@@ -135,7 +135,12 @@ def sampler(apply_fn: Callable, config, *, max_new_tokens: int, sampling: Sampli
       token = jnp.where(done, pad, token)
       return token, jnp.where(done, 0.0, logp), done | jnp.isin(token, eos)
 
-    out = call(input_ids, attention_mask=attention_mask, cache=cache, **model_kwargs)
+    if t > 1:   # the prompt but its last token: logits unused, so XLA drops the head's matmul
+      cache = call(input_ids[:, :-1], attention_mask=attention_mask[:, :-1], cache=cache,
+                   **model_kwargs).cache
+      model_kwargs = {}
+    out = call(input_ids[:, -1:], attention_mask=attention_mask[:, -1:], cache=cache,
+               **model_kwargs)
     rng, key = jax.random.split(rng)
     token, logp, done = pick(key, out.logits[:, -1], jnp.zeros((b,), bool))
     tokens = jnp.full((b, max_new_tokens), pad, jnp.int32).at[:, 0].set(token)
