@@ -16,6 +16,8 @@ from peftjax.methods.bitfit import bitfit
 from peftjax.methods.full import full
 from peftjax.methods.ia3 import ia3
 from peftjax.methods.lora import lora, lora_plus_labels
+from peftjax.methods.prefix import prefix_tuning, ptuning_v2
+from peftjax.methods.prompt import prompt_tuning, ptuning
 from peftjax.methods.saved import modules_to_save
 
 METHODS = {
@@ -28,6 +30,10 @@ METHODS = {
     'houlsby': functools.partial(bottleneck_adapter, train_norms=True),
     'pfeiffer': bottleneck_adapter,
     'modules_to_save': modules_to_save,
+    'prompt': prompt_tuning,
+    'ptuning': ptuning,
+    'prefix': prefix_tuning,
+    'ptuning_v2': ptuning_v2,
 }
 # Method name -> (constructor kwarg, targets table key) filled from ``model_type`` when omitted.
 _DEFAULT_TARGET_KWARGS = {
