@@ -16,7 +16,7 @@ import transformers
 from peftjax import errors, tree
 from peftjax.models import families, hooks, layers, registry
 
-TOL = 1e-5   # float32; measured agreement is ~1e-6
+TOL = 5e-6   # float32; measured agreement is ~1e-6
 V = 3        # virtual tokens
 P = 4        # prefix length
 DECODERS = ['llama_gqa', 'gpt2']

@@ -25,11 +25,11 @@ def test_chunked_loss_and_grad_match_naive(tied, chunk, vocab_chunk):
   g = lambda h, k: naive_loss(h, k, labels, mask, tied)
   value, grads = jax.value_and_grad(f, argnums=(0, 1))(hidden, kernel)
   ref_value, ref_grads = jax.value_and_grad(g, argnums=(0, 1))(hidden, kernel)
-  np.testing.assert_allclose(value, ref_value, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(value, ref_value, atol=2e-6, rtol=1e-6)
   for got, want in zip(grads, ref_grads):
-    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
-  np.testing.assert_allclose(jax.grad(f, 1)(hidden, kernel), ref_grads[1], atol=1e-5, rtol=1e-5)
-  np.testing.assert_allclose(jax.grad(f)(hidden, kernel), ref_grads[0], atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(got, want, atol=2e-6, rtol=1e-6)
+  np.testing.assert_allclose(jax.grad(f, 1)(hidden, kernel), ref_grads[1], atol=2e-6, rtol=1e-6)
+  np.testing.assert_allclose(jax.grad(f)(hidden, kernel), ref_grads[0], atol=2e-6, rtol=1e-6)
 
 
 def test_ignored_labels_and_empty_mask():
