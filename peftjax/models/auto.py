@@ -5,7 +5,10 @@
 >>> ids, mask = np.array([[101, 7592, 102]]), np.ones((1, 3), np.int32)
 >>> pre.module.apply({'params': pre.params}, ids, attention_mask=mask).hidden.shape
 (1, 3, 384)
->>> save_pretrained('/tmp/out', pre.config, pre.params, pre.tokenizer)     # doctest: +SKIP
+>>> import tempfile
+>>> out = save_pretrained(tempfile.mkdtemp(), pre.config, pre.params, pre.tokenizer)
+>>> sorted(p.name for p in out.iterdir())[:2]
+['config.json', 'model.safetensors']
 
 Loaded straight into shards (each device's slice read from the file, nothing whole on one device):
 
