@@ -7,28 +7,24 @@ A run is resumable: every ``train.checkpoint_every`` steps the adapter, optimize
 RNG, data position and the method's own state (``PeftMethod.init_state``/``update``) are saved
 (orbax, atomic, keep-last-K); starting the same command again continues from the latest
 checkpoint and ends with the same adapter as an uninterrupted run.
-Outputs in ``workdir``: ``checkpoints/``, ``metrics.jsonl``, TensorBoard events in ``tb/``,
-``adapter/`` (HF PEFT format) and optionally ``merged/`` (a plain HF model).
+The workdir is a :class:`peftjax.train.rundir.RunDir`: locked while a run uses it, its config
+pinned in ``config.json`` (a resume with other settings is refused), checkpoints verified
+against a checksum manifest. Outputs there: ``checkpoints/``, ``metrics.jsonl``, TensorBoard
+events in ``tb/``, ``adapter/`` (HF PEFT format) and optionally ``merged/`` (a plain HF model).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import pathlib
 import time
 
 import jax
 import jax.numpy as jnp
-from jax.experimental import multihost_utils
-import numpy as np
-import safetensors.numpy
 import tqdm
 
 from peftjax import data, methods, sharding, tree
-from peftjax.methods import hf_format
 from peftjax.models import auto, families
-from peftjax.train import checkpoint as ckpt_lib
-from peftjax.train import optim, step as step_lib, tasks
+from peftjax.train import optim, rundir, step as step_lib, tasks
 from peftjax.train import state as state_lib
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -50,36 +46,39 @@ def build_method(peft_config, pretrained) -> methods.PeftMethod:
   return method
 
 
-class MetricWriter:
-  """Metrics to ``metrics.jsonl`` and TensorBoard; only process 0 writes."""
+def validate(config):
+  """Refuses settings that cannot make a run, before anything loads."""
+  t = config.train
+  for key in ('steps', 'checkpoint_every', 'log_every', 'eval_every'):
+    if not isinstance(t[key], int) or t[key] < 1:
+      raise ValueError(f'config.train.{key}={t[key]!r} must be an integer >= 1')
+  max_length = config.data.get('max_length')
+  if max_length is not None and max_length < 1:
+    raise ValueError(f'config.data.max_length={max_length} must be >= 1')
 
-  def __init__(self, workdir: pathlib.Path):
-    self.enabled = jax.process_index() == 0
-    if self.enabled:
-      from tensorboardX import SummaryWriter
-      self._jsonl = open(workdir / 'metrics.jsonl', 'a')
-      self._tb = SummaryWriter(str(workdir / 'tb'))
 
-  def write(self, step: int, split: str, metrics: dict):
-    if not self.enabled:
-      return
-    metrics = {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
-    self._jsonl.write(json.dumps({'step': step, 'split': split, **metrics}) + '\n')
-    self._jsonl.flush()
-    for k, v in metrics.items():
-      self._tb.add_scalar(f'{split}/{k}', v, step)
-
-  def close(self):
-    if self.enabled:
-      self._jsonl.close()
-      self._tb.close()
+def _check_positions(config, pre):
+  max_length, positions = config.data.get('max_length'), getattr(
+      pre.config, 'max_position_embeddings', None)
+  if max_length is not None and positions is not None and max_length > positions:
+    raise ValueError(f'config.data.max_length={max_length} exceeds the model\'s '
+                     f'{positions} positions (max_position_embeddings of {config.model.source})')
 
 
 def run(config, workdir) -> dict:
-  """Trains as ``config`` says; returns the final evaluation metrics."""
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  """Trains as ``config`` says; returns the final evaluation metrics. The workdir is a
+  `rundir.RunDir`: locked for the run, its config pinned, its checkpoints verified."""
+  validate(config)
   sharding.maybe_initialize_distributed(config.get('distributed') or {})
+  run_dir = rundir.RunDir(workdir).lock()
+  try:
+    return _run(config, run_dir)
+  finally:
+    run_dir.release()
+
+
+def _run(config, run_dir: rundir.RunDir) -> dict:
+  run_dir.pin_config(config)
   task = tasks.get(config.task)
   m = config.model
   overrides = dict(scan_layers=m.scan_layers, remat=m.remat)
@@ -91,6 +90,7 @@ def run(config, workdir) -> dict:
   pre = auto.load_pretrained(m.source, task=task.model_task, dtype=DTYPES[m.dtype],
                              shardings=lambda module: sharding.model_shardings(
                                  module, mesh, rules)[1], **overrides)
+  _check_positions(config, pre)
   train_ds, eval_ds = task.datasets(config, pre.tokenizer)
   seq_len = task.seq_len(config)
   method = build_method(config.peft, pre)
@@ -112,9 +112,8 @@ def run(config, workdir) -> dict:
   state, state_shardings = state_lib.init_train_state(
       method.init, optimizer, rng, params, base_axes, mesh, rules, init_state=method.init_state)
 
-  checkpointer = ckpt_lib.Checkpointer(str(workdir / 'checkpoints'),
-                                       save_every=config.train.checkpoint_every,
-                                       keep=config.train.keep)
+  checkpointer = run_dir.checkpointer(save_every=config.train.checkpoint_every,
+                                      keep=config.train.keep)
   restored = checkpointer.restore(state)
   if restored is not None:
     state = restored
@@ -148,24 +147,32 @@ def run(config, workdir) -> dict:
                                                sharding.global_batch(batch, mesh)))
     return task.summarize(sums)
 
-  writer = MetricWriter(workdir)
   start = int(state.step)
+  writer = run_dir.metrics(start)
   bar = tqdm.tqdm(total=config.train.steps, initial=start, disable=jax.process_index() != 0,
                   desc=f'{config.task}/{config.peft.method}')
   tokens_per_step = d.batch_size * seq_len
   last_time, last_step = time.perf_counter(), start
+  first_bad = jnp.int32(0)   # on the device: the first step with a non-finite loss/gradient
+
+  def check_finite():
+    if int(first_bad):
+      kept = checkpointer.latest_step()
+      kept = (f'the last good checkpoint (step {kept}) in {checkpointer.directory} is kept'
+              if kept is not None else f'no checkpoint exists in {checkpointer.directory}')
+      raise FloatingPointError(f'non-finite loss or gradient norm at step {int(first_bad)}; '
+                               f'{kept}; nothing after step {int(first_bad) - 1} was saved')
+
   try:
     for step in range(start + 1, config.train.steps + 1):
       batch = sharding.global_batch(next(loader), mesh)
       state, metrics = train_step(state, params, batch)
+      first_bad = step_lib.first_nonfinite(
+          first_bad, {k: metrics[k] for k in ('loss', 'grad_norm')}, step)
       bar.update(1)
       if step % config.train.log_every == 0 or step == config.train.steps:
+        check_finite()
         metrics = jax.device_get(metrics)
-        bad = ckpt_lib.nonfinite_keys(metrics)
-        if bad:
-          raise FloatingPointError(
-              f'non-finite {", ".join(bad)} at step {step}; the last good checkpoint '
-              f'(step {checkpointer.latest_step()}) in {checkpointer.directory} is kept')
         now = time.perf_counter()
         rate = (step - last_step) * tokens_per_step / (now - last_time)
         last_time, last_step = now, step
@@ -175,16 +182,19 @@ def run(config, workdir) -> dict:
                                      'tokens_per_s': rate})
       if step % config.train.eval_every == 0 and step != config.train.steps:
         writer.write(step, 'eval', evaluate())
-      checkpointer.save(state, step=step)
+      if checkpointer.is_save_step(step):
+        check_finite()
+        checkpointer.save(state, step=step)
     final = evaluate()
     writer.write(config.train.steps, 'eval', final)
     if checkpointer.latest_step() != config.train.steps:
+      check_finite()
       checkpointer.save(state, step=config.train.steps, force=True)
     checkpointer.wait()
   finally:
     bar.close()
     writer.close()
-  _export(config, workdir, method, state.adapter, pre, params)   # every process: it gathers
+  run_dir.export(config, method, state.adapter, pre, params)   # every process: it gathers
   print(f'final eval: {json.dumps(final)}')
   return final
 
@@ -192,34 +202,3 @@ def run(config, workdir) -> dict:
 def _pad_id(tokenizer) -> int:
   return tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
 
-
-def _export(config, workdir, method, adapter, pre, params):
-  """LoRA-family and IA3 adapters in HF PEFT format; other methods as a flat safetensors of the
-  adapter tree; ``export.merged`` also writes the merged model as a plain HF checkpoint.
-
-  Every process calls it: arrays sharded across processes are gathered to host memory (a
-  collective, ``process_allgather``); only process 0 writes.
-  """
-  def to_host(tree_):
-    return jax.tree.map(lambda x: multihost_utils.process_allgather(x, tiled=True)
-                        if isinstance(x, jax.Array) and not x.is_fully_addressable
-                        else jax.device_get(x), tree_)
-
-  adapter = to_host(adapter)
-  merged = config.export.merged and method.merge is not None
-  params = to_host(params) if merged else None
-  if jax.process_index() != 0:
-    return
-  p = config.peft
-  if config.export.adapter and p.method in hf_format.EXPORTABLE:
-    hf_format.save_adapter(workdir / 'adapter', method, adapter, pre.config, task=pre.task,
-                           base_model_name_or_path=str(config.model.source))
-  elif config.export.adapter:
-    (workdir / 'adapter').mkdir(exist_ok=True)
-    safetensors.numpy.save_file({k: np.asarray(v) for k, v in tree.flatten(adapter).items()},
-                                str(workdir / 'adapter' / 'peftjax_adapter.safetensors'))
-  if config.export.merged and method.merge is None:
-    print(f'export.merged: {config.peft.method} adds layers and cannot be merged; skipped')
-  elif merged:
-    auto.save_pretrained(workdir / 'merged', pre.config, method.merge(adapter, params),
-                         pre.tokenizer, task=pre.task)

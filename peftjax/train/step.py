@@ -34,6 +34,7 @@ With a method's regulariser and per-step update (here: count the steps, halve ``
 from typing import Any, Callable, Optional
 
 import jax
+import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding
 
@@ -127,3 +128,21 @@ def make_eval_step(loss_fn: LossFn, *, adapter_shardings: Any, base_shardings: A
 
   return jax.jit(eval_step, in_shardings=(adapter_shardings, base_shardings, batch_sharding),
                  out_shardings=_replicated_like(batch_sharding))
+
+
+@jax.jit
+def first_nonfinite(first: jax.Array, metrics: dict, step: jax.Array) -> jax.Array:
+  """The first step whose loss or gradient norm was NaN/inf, 0 while all were finite.
+
+  Kept on the device and advanced after every train step (dispatched asynchronously, so no
+  host sync per step); the loop reads it only before a save or a log.
+
+  >>> import jax.numpy as jnp
+  >>> first = jnp.int32(0)
+  >>> for step, loss in enumerate([1.0, float('nan'), 2.0], 1):
+  ...   first = first_nonfinite(first, {'loss': jnp.float32(loss), 'grad_norm': 1.0}, step)
+  >>> int(first)
+  2
+  """
+  finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(metrics['grad_norm'])
+  return jnp.where((first == 0) & ~finite, jnp.asarray(step, jnp.int32), first)
