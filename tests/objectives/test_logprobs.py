@@ -83,7 +83,7 @@ def test_logprobs_keep_no_full_logits():
 
 
 @pytest.mark.parametrize('vocab_chunk,want', [(None, (1, 2, 4, 2)), (64, (1, 3, 5, 3))])
-def test_logprobs_matmul_counts(vocab_chunk, want):
+def test_logprobs_matmul_counts(vocab_chunk, want, matmul_counts):
   """Log-probs: 1 logits matmul. + d hidden: 2, formed in the forward (the backward only scales
   it). + d kernel: 2 more in the backward (logits recomputed, d kernel), as the kernel gradient
   needs the cotangent: 4. d kernel alone: the forward's logits are dead under `jax.grad`, 2.
@@ -95,13 +95,5 @@ def test_logprobs_matmul_counts(vocab_chunk, want):
   hidden, kernel = jnp.ones((1, N, D_)), jnp.ones((D_, V_))
   labels, mask = jnp.zeros((1, N), jnp.int32), jnp.ones((1, N))
   seq = lambda h, k: lm.chunked_logprobs(h, k, labels, mask, chunk=C, vocab_chunk=vocab_chunk).sequence.sum()
-  frozen = lambda h, k: seq(h, jax.lax.stop_gradient(k))
-
-  def matmuls(f, *argnums):
-    fn = jax.jit(jax.grad(f, argnums) if argnums else f)
-    cost = fn.lower(hidden, kernel).compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    return cost['flops'] / (2 * C * D_ * (vocab_chunk or V_))  # XLA counts a scan body once
-
-  got = (matmuls(seq), matmuls(frozen, 0), matmuls(seq, 0, 1), matmuls(seq, 1))
+  got = matmul_counts(seq, (hidden, kernel), 2 * C * D_ * (vocab_chunk or V_))
   assert got == pytest.approx(want, abs=0.3)

@@ -77,7 +77,7 @@ def test_classification_metrics_match_sklearn_definitions():
 
 
 @pytest.mark.parametrize('vocab_chunk,want', [(None, (1, 2, 3, 2)), (64, (1, 3, 4, 3))])
-def test_fused_loss_does_one_matmul_per_wanted_gradient(vocab_chunk, want):
+def test_fused_loss_does_one_matmul_per_wanted_gradient(vocab_chunk, want, matmul_counts):
   """Loss: 1 logits matmul; + d hidden: 2 (no recomputation); + d kernel: 3; d kernel alone
   (a probe on frozen features): 2. With `vocab_chunk` a streaming-logsumexp pass comes first,
   then one pass forms the logits and the gradients."""
@@ -85,13 +85,5 @@ def test_fused_loss_does_one_matmul_per_wanted_gradient(vocab_chunk, want):
   hidden, kernel = jnp.ones((1, N, D)), jnp.ones((D, V))
   labels, mask = jnp.zeros((1, N), jnp.int32), jnp.ones((1, N))
   loss = lambda h, k: lm.chunked_lm_loss(h, k, labels, mask, chunk=N, vocab_chunk=vocab_chunk)
-  frozen = lambda h, k: loss(h, jax.lax.stop_gradient(k))
-
-  def matmuls(f, *argnums):
-    fn = jax.jit(jax.grad(f, argnums) if argnums else f)
-    cost = fn.lower(hidden, kernel).compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    return cost['flops'] / (2 * N * D * (vocab_chunk or V))  # XLA counts a scan body once
-
-  got = (matmuls(loss), matmuls(frozen, 0), matmuls(loss, 0, 1), matmuls(loss, 1))
+  got = matmul_counts(loss, (hidden, kernel), 2 * N * D * (vocab_chunk or V))
   assert got == pytest.approx(want, abs=0.3)
