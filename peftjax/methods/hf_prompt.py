@@ -41,7 +41,7 @@ from peftjax import tree
 from peftjax.methods import base, prefix, prompt
 from peftjax.methods.hf_format import CONFIG_FILE, TASK_TYPES, WEIGHTS_FILE
 from peftjax.methods.saved import modules_to_save
-from peftjax.models import convert
+from peftjax.models import convert, families
 
 KEY = 'prompt_embeddings'
 SAVED_PREFIX = 'base_model.'   # HF PEFT's key prefix of a prompt-learning model's saved modules
@@ -92,6 +92,10 @@ def save_adapter(directory, method: base.PeftMethod, adapter, base_config, *,
     value = np.asarray(jax.device_get(value), np.float32)
     tensors[SAVED_PREFIX + names[path]] = np.ascontiguousarray(value.T if transpose else value)
     saved.add(names[path].rsplit('.', 1)[0])
+  heads = families.head_modules(config, task)
+  if TASK_TYPES[task] == 'SEQ_CLS' and not saved & set(heads):
+    raise ValueError(f'HF PEFT SEQ_CLS adapters hold the trained head {list(heads)}; compose '
+                     'the method with modules_to_save of its params')
   h = core.hparams
   hf = {'peft_type': PEFT_TYPES[core.name], 'task_type': TASK_TYPES[task],
         'base_model_name_or_path': base_model_name_or_path, 'inference_mode': True,

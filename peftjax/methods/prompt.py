@@ -220,7 +220,7 @@ def ptuning(num_virtual_tokens: int = 20, encoder: str = 'mlp',
     w = input_embedding(params)
     d = w.value.shape[-1]
     h = encoder_hidden_size or d
-    keys = iter(jax.random.split(rng, 4 + 4 * encoder_num_layers))
+    keys = iter(jax.random.split(rng, 4 + 8 * encoder_num_layers))
     enc = {'embedding': targets.box(jax.random.normal(next(keys), (v, d), jnp.float32),
                                     w.axes(None, 'out'))}
     out_axes, hidden_axes = w.axes(None, 'out'), w.axes(None, None)
