@@ -140,13 +140,13 @@ class Checkpointer:
     return force or self._manager.should_save(step)
 
   def _prune(self):
-    """Deletes steps older than the newest `keep` that have a manifest (so never the newest
-    verified one)."""
+    """Deletes every step older than the newest `keep` that have a manifest (so never the
+    newest verified one)."""
     if self.keep is None:
       return
     steps = self.all_steps()
     kept = [s for s in steps if (pathlib.Path(self.directory) / str(s) / MANIFEST).is_file()]
-    if len(kept) > self.keep:
+    if len(kept) >= self.keep:
       oldest_kept = kept[-self.keep]
       for s in steps:
         if s < oldest_kept:

@@ -100,3 +100,69 @@ def test_nonfinite_guard_keeps_last_good_checkpoint(run, tmp_path):
   bad = state.replace(adapter=jax.tree.map(lambda x: x * jnp.inf, state.adapter))
   assert not ckpt.save(bad)
   assert ckpt.all_steps() == [1]
+
+
+def _largest_file(step_dir):
+  """The largest array data file (ocdbt ``d/`` chunks) of a checkpoint."""
+  return max((p for p in step_dir.rglob('*') if p.is_file() and p.parent.name == 'd'),
+             key=lambda p: p.stat().st_size)
+
+
+def _truncate(step_dir):
+  f = _largest_file(step_dir)
+  f.write_bytes(f.read_bytes()[:-7])
+  return f'{f.relative_to(step_dir)} has {f.stat().st_size} bytes, {f.stat().st_size + 7} when saved'
+
+
+def _flip_bit(step_dir):
+  f = _largest_file(step_dir)
+  data = bytearray(f.read_bytes())
+  data[len(data) // 3] ^= 0x10
+  f.write_bytes(bytes(data))
+  return f'{f.relative_to(step_dir)} does not match its SHA-256 (changed since it was saved)'
+
+
+def _drop_manifest(step_dir):
+  (step_dir / 'peftjax_manifest.json').unlink()
+  return 'no peftjax_manifest.json (the save did not finish)'
+
+
+def _drop_metadata(step_dir):
+  f = step_dir / '_CHECKPOINT_METADATA'
+  f.unlink()
+  return '_CHECKPOINT_METADATA is missing'
+
+
+@pytest.mark.parametrize('corrupt', [_truncate, _flip_bit, _drop_manifest, _drop_metadata])
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(run, tmp_path, capsys, corrupt):
+  step, state, _ = run
+  ckpt = Checkpointer(str(tmp_path / 'ckpt'), save_every=1, keep=3)
+  state = step(state)
+  ckpt.save(state)
+  good = jax.tree.map(np.asarray, state)
+  state = step(state)
+  ckpt.save(state)
+  ckpt.close()
+  problem = corrupt(tmp_path / 'ckpt' / '2')
+  fresh = Checkpointer(str(tmp_path / 'ckpt'), save_every=1, keep=3)
+  restored = fresh.restore(state)
+  assert f'checkpoint 2 in {tmp_path / "ckpt"} is corrupt: {problem}; moved to ' in \
+      capsys.readouterr().out
+  assert_bit_equal(restored, good)
+  assert fresh.all_steps() == [1] and (tmp_path / 'ckpt.corrupt' / '2').is_dir()
+
+
+def test_keep_counts_only_verified_checkpoints(run, tmp_path):
+  """A step without a manifest (killed before it was written) does not count towards keep-last-K,
+  so the newest verified step is never deleted in its favour."""
+  step, state, _ = run
+  ckpt = Checkpointer(str(tmp_path), save_every=1, keep=1)
+  state = step(state)
+  ckpt.save(state)
+  state = step(state)
+  ckpt.save(state)
+  _drop_manifest(tmp_path / '2')
+  state = step(state)
+  ckpt._prune()
+  assert ckpt.all_steps() == [2]       # 2 was verified when 1 was deleted: keep=1 held
+  assert ckpt.save(state) and ckpt.all_steps() == [3]
