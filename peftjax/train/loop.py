@@ -181,6 +181,7 @@ def _run(config, run_dir: rundir.RunDir) -> dict:
                                      **{k: metrics[k] for k in ('regularizer',) if k in metrics},
                                      'tokens_per_s': rate})
       if step % config.train.eval_every == 0 and step != config.train.steps:
+        check_finite()
         writer.write(step, 'eval', evaluate())
       if checkpointer.is_save_step(step):
         check_finite()

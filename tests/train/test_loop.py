@@ -193,6 +193,9 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny, tmp_path):
   assert ref.keys() == resumed.keys()
   for k in ref:
     np.testing.assert_array_equal(resumed[k], ref[k], err_msg=k)
+  # rows the killed run logged after checkpoint 4 were dropped, not logged twice
+  assert [(l['step'], l['split']) for l in _metrics(workdir)] == \
+      [(l['step'], l['split']) for l in _metrics(tmp_path / 'ref')]
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny, tmp_path):
@@ -206,6 +209,24 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny, tmp_path):
   restored = ocp.PyTreeCheckpointer().restore(tmp_path / 'checkpoints' / '1' / 'default')
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(restored['adapter']))
   assert not (tmp_path / 'adapter').exists()
+
+
+@pytest.mark.parametrize('checkpoint_every, kept', [
+    (1, r'the last good checkpoint \(step 1\) in .* is kept; nothing after step 1 was saved'),
+    (5, r'no checkpoint exists in .*checkpoints; nothing after step 1 was saved')])
+def test_divergence_between_log_steps_stops_before_the_next_save(tiny, tmp_path, checkpoint_every,
+                                                                 kept):
+  """log_every=10 > steps: no log step checks step 2's overflowing loss; the on-device flag is
+  read before the next save, eval or log (step 2; step 4, the eval, with no checkpoint yet)
+  and stops the run."""
+  c = _config(tiny, 'full', checkpoint_every=checkpoint_every, log_every=10)
+  c.optim.update(learning_rate=1e30, clip_norm=0.0, warmup_steps=0, schedule='constant')
+  with pytest.raises(FloatingPointError, match=r'non-finite loss or gradient norm at step 2; '
+                     + kept):
+    loop.run(c, tmp_path)
+  saved = sorted(p.name for p in (tmp_path / 'checkpoints').iterdir())
+  assert saved == (['1'] if checkpoint_every == 1 else [])
+  assert not (tmp_path / 'metrics.jsonl').read_text()
 
 
 def test_unknown_names_are_listed(tiny, tmp_path):
