@@ -3,7 +3,8 @@
   python launch.py --config=configs/sentiment.py:method=lora --workdir=/tmp/sentiment
   python launch.py --config=configs/sentiment.py:method=dora,runlocal --workdir=/tmp/smoke
 
-Arguments: ``method`` (full, bitfit, lora, rslora, dora, ia3, houlsby, pfeiffer), ``runlocal``
+Arguments: ``method`` (full, bitfit, lora, rslora, dora, ia3, houlsby, pfeiffer, prompt,
+ptuning, prefix, ptuning_v2), ``runlocal``
 (a tiny smoke run of a few steps on a data subset).
 """
 import ml_collections

@@ -4,6 +4,9 @@ The loss covers the assistant reply only (chat template of the model); rows may 
 
   python launch.py --config=configs/sft.py:method=lora --workdir=/tmp/sft
   python launch.py --config=configs/sft.py:method=ia3,runlocal --workdir=/tmp/smoke
+
+``method``: any name of ``peftjax.config.PEFT_DEFAULTS`` (lora, ia3, ..., prompt, ptuning, prefix,
+ptuning_v2); prompt-family methods add their virtual tokens to each packed row.
 """
 import ml_collections
 

@@ -22,6 +22,10 @@ PEFT_DEFAULTS = {
     'ia3': dict(learning_rate=3e-3),
     'houlsby': dict(bottleneck=64, learning_rate=1e-3),
     'pfeiffer': dict(bottleneck=64, learning_rate=1e-3),
+    'prompt': dict(num_virtual_tokens=20, learning_rate=3e-2),
+    'ptuning': dict(num_virtual_tokens=20, encoder_hidden_size=128, learning_rate=1e-3),
+    'prefix': dict(num_virtual_tokens=20, projection=True, learning_rate=1e-2),
+    'ptuning_v2': dict(num_virtual_tokens=20, learning_rate=1e-2),
 }
 
 
