@@ -37,6 +37,7 @@ Everything written to ``adapter_config.json`` comes from ``method.spec`` and the
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import pathlib
 import re
@@ -57,6 +58,7 @@ from peftjax.models import auto, convert, heads
 
 CONFIG_FILE = 'adapter_config.json'
 WEIGHTS_FILE = 'adapter_model.safetensors'
+BASE_FILE = 'peftjax_base.json'   # the base an adapter was saved for; HF PEFT ignores the file
 PREFIX = 'base_model.model.'
 # peftjax leaf -> (HF key suffix, whether the HF tensor is the transpose, base param it adapts)
 LEAVES = {'lora_A': ('lora_A.weight', True, 'kernel'),
@@ -178,9 +180,19 @@ def _bias_option(replaced: dict, adapted: set, params: dict, is_ia3: bool) -> tu
                    f'(bias="lora_only"), not those of {sorted(biases)}')
 
 
+def base_fingerprint(config, params=None) -> dict:
+  """What ``BASE_FILE`` records of a base: model type, layer count and (given ``params``) a
+  SHA-256 of its param paths and shapes."""
+  out = {'model_type': config.model_type, 'num_layers': config.num_layers}
+  if params is not None:
+    shapes = sorted((p, list(np.shape(x))) for p, x in tree.flatten(meta.unbox(params)).items())
+    out['param_shapes_sha256'] = hashlib.sha256(json.dumps(shapes).encode()).hexdigest()
+  return out
+
+
 def save_adapter(directory, method: base.PeftMethod, adapter, base_config, *,
                  task: str | None = None,
-                 base_model_name_or_path: str | None = None) -> pathlib.Path:
+                 base_model_name_or_path: str | None = None, base_params=None) -> pathlib.Path:
   """Writes ``adapter`` of ``method`` (LoRA/rsLoRA/DoRA or IA3, composed with
   ``modules_to_save`` or ``bitfit``) as a HF PEFT directory that ``peft.PeftModel.
   from_pretrained`` loads.
@@ -191,7 +203,8 @@ def save_adapter(directory, method: base.PeftMethod, adapter, base_config, *,
   ``rank_pattern``/``alpha_pattern`` keyed by escaped full module names. ``task`` ('causal_lm',
   'classification', 'value', 'base') sets ``task_type`` and the module names (no base-model
   prefix for 'base'); it defaults from the adapter's heads. Raises ValueError naming what HF
-  PEFT cannot represent.
+  PEFT cannot represent. ``BASE_FILE`` records the base (:func:`base_fingerprint`; its param
+  shapes given ``base_params``) so that loading onto another base is refused.
   """
   config, directory = base_config, pathlib.Path(directory)
   specs = _specs(method.spec)
@@ -269,6 +282,7 @@ def save_adapter(directory, method: base.PeftMethod, adapter, base_config, *,
               bias=bias, ensure_weight_tying=hf_ties, init_lora_weights=True)
   directory.mkdir(parents=True, exist_ok=True)
   (directory / CONFIG_FILE).write_text(json.dumps(hf, indent=2))
+  (directory / BASE_FILE).write_text(json.dumps(base_fingerprint(config, base_params), indent=2))
   safetensors.numpy.save_file({PREFIX + k: v for k, v in tensors.items()},
                               str(directory / WEIGHTS_FILE), metadata={'format': 'pt'})
   return directory
@@ -334,10 +348,17 @@ def load_adapter(directory, params, config, rng=None) -> tuple[base.PeftMethod, 
   (``ensure_weight_tying`` honoured); embedding/``lm_head`` base weights that HF PEFT saves
   beside their LoRA factors must equal the base's. Scanned layers missing from the file keep the
   method's identity init (drawn from ``rng``). Raises ``CheckpointError`` naming the tensor for a
-  module the base lacks, a shape that does not fit it, or an unsupported option.
+  module the base lacks, a shape that does not fit it, an unsupported option, or (from
+  ``BASE_FILE``) a base with another layer count.
   """
   directory = pathlib.Path(directory)
   hf = read_config(directory)
+  if (directory / BASE_FILE).is_file():
+    saved_for = json.loads((directory / BASE_FILE).read_text())
+    if saved_for['num_layers'] != config.num_layers:
+      raise errors.CheckpointError(
+          f'{directory}: the adapter was saved for a {saved_for["num_layers"]}-layer '
+          f'{saved_for["model_type"]}; this base is a {config.num_layers}-layer {config.model_type}')
   file = directory / WEIGHTS_FILE
   if not file.is_file():
     raise errors.CheckpointError(f'{directory}: no {WEIGHTS_FILE}')

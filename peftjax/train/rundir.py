@@ -167,12 +167,14 @@ class RunDir:
 
     adapter = to_host(adapter)
     merged = config.export.merged and method.merge is not None
+    base_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     params = to_host(params) if merged else None
     if not self.primary:
       return
     if config.export.adapter and config.peft.method in hf_format.EXPORTABLE:
       hf_format.save_adapter(self.path / 'adapter', method, adapter, pre.config, task=pre.task,
-                             base_model_name_or_path=str(config.model.source))
+                             base_model_name_or_path=str(config.model.source),
+                             base_params=base_shapes)
     elif config.export.adapter:
       (self.path / 'adapter').mkdir(exist_ok=True)
       safetensors.numpy.save_file({k: np.asarray(v) for k, v in tree.flatten(adapter).items()},

@@ -166,8 +166,12 @@ def test_runlocal_trains_evaluates_and_exports(tiny, tmp_path, method):
   # TensorBoard holds every logged scalar (float32) at its step
   assert _tb_scalars(tmp_path / 'tb') == pytest.approx(_jsonl_scalars(tmp_path), rel=1e-6)
   exported = sorted(p.name for p in (tmp_path / 'adapter').iterdir())
-  assert exported == (['adapter_config.json', 'adapter_model.safetensors']
+  assert exported == (['adapter_config.json', 'adapter_model.safetensors', 'peftjax_base.json']
                       if method in ('lora', 'ia3') else ['peftjax_adapter.safetensors'])
+  if method in ('lora', 'ia3'):   # the base it was trained on: 2 BERT layers, param shapes hashed
+    base = json.loads((tmp_path / 'adapter' / 'peftjax_base.json').read_text())
+    assert (base['model_type'], base['num_layers'], len(base['param_shapes_sha256'])) == \
+        ('bert', 2, 64)
 
 
 def test_sigkill_then_resume_equals_uninterrupted(tiny, tmp_path):

@@ -196,3 +196,31 @@ def test_malformed_jsonl_names_the_file_and_line(tmp_path, line, message):
   f.write_text('{"prompt": "a", "response": "b"}\n' + line + '\n{"prompt": "c", "response": "d"}\n')
   with pytest.raises(DataError, match=rf'{f}, {message}'):
     sources.open_dataset(str(f))
+
+
+def test_adapter_on_a_base_with_another_layer_count_is_refused(tmp_path):
+  import jax
+  import jax.numpy as jnp
+  from peftjax import methods
+  from peftjax.errors import CheckpointError
+  from peftjax.methods import hf_format
+  from peftjax.models import registry
+
+  def base(layers):
+    config = registry.config_from_hf(dict(
+        model_type='llama', vocab_size=16, hidden_size=8, intermediate_size=8,
+        num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1))
+    module = registry.build(config, 'causal_lm')
+    return config, module.init(jax.random.key(0), jnp.zeros((1, 3), jnp.int32))['params']
+
+  (c2, p2), (c3, p3) = base(2), base(3)
+  method = methods.get('lora', rank=2, alpha=4, target='.*/q_proj')
+  directory = hf_format.save_adapter(tmp_path, method, method.init(jax.random.key(1), p2), c2,
+                                     base_params=p2)
+  saved = json.loads((directory / 'peftjax_base.json').read_text())
+  assert saved['param_shapes_sha256'] == hf_format.base_fingerprint(c2, p2)['param_shapes_sha256']
+  assert saved['param_shapes_sha256'] != hf_format.base_fingerprint(c3, p3)['param_shapes_sha256']
+  hf_format.load_adapter(directory, p2, c2)
+  with pytest.raises(CheckpointError, match=rf'{tmp_path}: the adapter was saved for a 2-layer '
+                     r'llama; this base is a 3-layer llama'):
+    hf_format.load_adapter(directory, p3, c3)
