@@ -34,6 +34,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
+from peftjax import errors
 from peftjax.train.state import TrainState
 
 MANIFEST = 'peftjax_manifest.json'
@@ -161,8 +162,9 @@ class Checkpointer:
   def restore(self, target: Any, step: int | None = None) -> TrainState | None:
     """Restores `step` (default: the newest that verifies) into `target`'s structure and
     shardings; `target` holds arrays or `with_shardings(...)` structs. Returns None when there
-    is no checkpoint. A step that fails verification is moved aside with a message; with no
-    `step` given the next older one is tried."""
+    is no checkpoint. With no `step` given, a step that fails verification is moved aside with
+    a message and the next older one is tried; a given `step` that fails raises
+    `CheckpointError`."""
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target)
     for s in ([step] if step is not None else self.all_steps()[::-1]):
       problem = verify(pathlib.Path(self.directory) / str(s))
@@ -171,6 +173,8 @@ class Checkpointer:
           return self._manager.restore(s, args=ocp.args.StandardRestore(abstract))
         except Exception as e:   # verified bytes that orbax cannot read (e.g. another structure)
           problem = f'orbax cannot restore it: {type(e).__name__}: {str(e)[:300]}'
+      if step is not None:
+        raise errors.CheckpointError(f'checkpoint {s} in {self.directory} is corrupt: {problem}')
       self._set_aside(s, problem)
     return None
 

@@ -186,6 +186,14 @@ class RunDir:
                            pre.tokenizer, task=pre.task)
 
 
+def _row_step(row: str) -> float:
+  """The step of a metrics.jsonl row; inf for a row torn by a kill (so it is dropped)."""
+  try:
+    return json.loads(row)['step']
+  except (ValueError, KeyError, TypeError):
+    return float('inf')
+
+
 class MetricWriter:
   """Metrics to ``metrics.jsonl`` and TensorBoard; only process 0 writes. Opened after
   ``step``: rows past it are dropped and TensorBoard purges its events past it."""
@@ -197,7 +205,7 @@ class MetricWriter:
     path = workdir / 'metrics.jsonl'
     if path.is_file():
       rows = path.read_text().splitlines(keepends=True)
-      kept = [r for r in rows if r.strip() and json.loads(r)['step'] <= step]
+      kept = [r for r in rows if _row_step(r) <= step]
       if len(kept) != len(rows):
         print(f'metrics.jsonl: dropped {len(rows) - len(kept)} rows past step {step} '
               f'(logged after the checkpoint this run resumes from)')

@@ -1,10 +1,13 @@
 """Checkpoints: bit-exact sharded round trip, keep-last-K, save interval, resume, NaN guard."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from peftjax import sharding
+from peftjax.errors import CheckpointError
 from peftjax.train import optim
 from peftjax.train.checkpoint import Checkpointer, nonfinite_keys, with_shardings
 from peftjax.train.state import init_train_state
@@ -150,6 +153,18 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(run, tmp_path, cap
       capsys.readouterr().out
   assert_bit_equal(restored, good)
   assert fresh.all_steps() == [1] and (tmp_path / 'ckpt.corrupt' / '2').is_dir()
+
+
+def test_a_requested_corrupt_step_raises(run, tmp_path):
+  step, state, _ = run
+  ckpt = Checkpointer(str(tmp_path), save_every=1)
+  state = step(state)
+  ckpt.save(state)
+  problem = _flip_bit(tmp_path / '1')
+  with pytest.raises(CheckpointError, match=re.escape(f'checkpoint 1 in {tmp_path} is corrupt: '
+                                                      f'{problem}')):
+    ckpt.restore(state, step=1)
+  assert ckpt.all_steps() == [1]       # not moved: the caller asked for it
 
 
 def test_keep_counts_only_verified_checkpoints(run, tmp_path):

@@ -109,12 +109,13 @@ def test_workdir_must_be_a_directory(tmp_path):
 
 def test_metrics_past_the_restored_step_are_dropped(tmp_path, capsys):
   rows = [{'step': s, 'split': 'train', 'loss': 1.0 / s} for s in range(1, 7)]
-  (tmp_path / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+  (tmp_path / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows)
+                                         + '{"step": 7, "spl')   # torn by a kill
   writer = MetricWriter(tmp_path, step=4)
   writer.write(5, 'train', {'loss': 0.5})
   writer.close()
   assert [r['step'] for r in _metrics(tmp_path)] == [1, 2, 3, 4, 5]
-  assert 'metrics.jsonl: dropped 2 rows past step 4' in capsys.readouterr().out
+  assert 'metrics.jsonl: dropped 3 rows past step 4' in capsys.readouterr().out
 
 
 @pytest.mark.parametrize('key, value, message', [
