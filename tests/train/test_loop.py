@@ -1,7 +1,6 @@
 """End-to-end runs of launch.py / train.loop on a tiny random BERT with an offline tokenizer:
 runlocal smoke, SIGKILL + resume == uninterrupted (bit for bit), NaN stop, exports."""
 import json
-import os
 import pathlib
 import shutil
 import signal
@@ -174,15 +173,12 @@ def test_runlocal_trains_evaluates_and_exports(tiny, tmp_path, method):
         ('bert', 2, 64)
 
 
-def test_sigkill_then_resume_equals_uninterrupted(tiny, tmp_path):
-  """A real SIGKILL of launch.py after a checkpoint; the resumed run's final adapter equals an
-  uninterrupted run's bit for bit."""
-  loop.run(_config(tiny), tmp_path / 'ref')
-  workdir = tmp_path / 'killed'
-  cmd = [sys.executable, str(ROOT / 'launch.py')] + _flags(tiny, workdir)
+def kill_after_checkpoint_then_resume(cmd, workdir, step: int = 4):
+  """Runs ``cmd``, SIGKILLs it once checkpoint ``step`` exists (before the run's end), then runs
+  it again to completion; asserts that the second run resumed."""
   proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
   deadline = time.time() + 300
-  while not (workdir / 'checkpoints' / '4').exists():
+  while not (workdir / 'checkpoints' / str(step)).exists():
     assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
     assert time.time() < deadline
     time.sleep(0.05)
@@ -193,6 +189,15 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny, tmp_path):
   out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
   assert 'resumed from step' in out.stdout
+
+
+def test_sigkill_then_resume_equals_uninterrupted(tiny, tmp_path):
+  """A real SIGKILL of launch.py after a checkpoint; the resumed run's final adapter equals an
+  uninterrupted run's bit for bit."""
+  loop.run(_config(tiny), tmp_path / 'ref')
+  workdir = tmp_path / 'killed'
+  cmd = [sys.executable, str(ROOT / 'launch.py')] + _flags(tiny, workdir)
+  kill_after_checkpoint_then_resume(cmd, workdir)
   ref, resumed = _adapter(tmp_path / 'ref'), _adapter(workdir)
   assert ref.keys() == resumed.keys()
   for k in ref:

@@ -10,10 +10,7 @@ subprocess driver of ``test_sigkill_then_resume_keeps_the_method_state``.
 """
 import json
 import pathlib
-import signal
-import subprocess
 import sys
-import time
 
 import flax.linen as nn
 import jax
@@ -31,7 +28,7 @@ from peftjax.train.state import TrainState, state_shardings
 from peftjax.train.step import make_eval_step, make_train_step
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))  # --import-mode=importlib: not on sys.path
-from test_loop import ROOT, _config, _flags, tiny  # noqa: E402,F401  (the tiny run's fixture)
+from test_loop import ROOT, _config, _flags, kill_after_checkpoint_then_resume, tiny  # noqa: E402,F401  (the tiny run's fixture)
 
 WEIGHT, DECAY, EVERY = 1e-2, 0.9, 3
 
@@ -211,18 +208,7 @@ def test_sigkill_then_resume_keeps_the_method_state(tiny, tmp_path, monkeypatch)
   loop.run(_config(tiny), tmp_path / 'ref')
   workdir = tmp_path / 'killed'
   cmd = [sys.executable, __file__] + _flags(tiny, workdir)
-  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-  deadline = time.time() + 300
-  while not (workdir / 'checkpoints' / '4').exists():
-    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-    assert time.time() < deadline
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  assert not (workdir / 'adapter').exists()       # it really died before the end
-  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert out.returncode == 0, out.stderr[-2000:]
-  assert 'resumed from step' in out.stdout
+  kill_after_checkpoint_then_resume(cmd, workdir)
   for step in (6, 8):    # step 6 masks (the killed run resumed from step 4 or 6); 8 is the end
     ref, resumed = (ocp.PyTreeCheckpointer().restore(d / 'checkpoints' / str(step) / 'default')
                     for d in (tmp_path / 'ref', workdir))
