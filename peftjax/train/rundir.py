@@ -38,7 +38,7 @@ import numpy as np
 import safetensors.numpy
 
 from peftjax import tree
-from peftjax.methods import hf_format
+from peftjax.methods import hf_format, hf_prompt
 from peftjax.models import auto
 from peftjax.train import checkpoint as ckpt_lib
 
@@ -154,7 +154,7 @@ class RunDir:
 
   # -- export --------------------------------------------------------------------------------
   def export(self, config, method, adapter, pre, params):
-    """LoRA-family and IA3 adapters in HF PEFT format; other methods as a flat safetensors of
+    """LoRA-family, IA3 and prompt-family adapters in HF PEFT format; other methods as a flat safetensors of
     the adapter tree; ``export.merged`` also writes the merged model as a plain HF checkpoint.
 
     Every process calls it: arrays sharded across processes are gathered to host memory (a
@@ -175,6 +175,9 @@ class RunDir:
       hf_format.save_adapter(self.path / 'adapter', method, adapter, pre.config, task=pre.task,
                              base_model_name_or_path=str(config.model.source),
                              base_params=base_shapes)
+    elif config.export.adapter and config.peft.method in hf_prompt.METHODS:
+      hf_prompt.save_adapter(self.path / 'adapter', method, adapter, pre.config, task=pre.task,
+                             base_model_name_or_path=str(config.model.source))
     elif config.export.adapter:
       (self.path / 'adapter').mkdir(exist_ok=True)
       safetensors.numpy.save_file({k: np.asarray(v) for k, v in tree.flatten(adapter).items()},

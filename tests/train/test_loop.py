@@ -147,13 +147,13 @@ def _configs_importable(monkeypatch):
   monkeypatch.syspath_prepend(str(ROOT))
 
 
-@pytest.mark.parametrize('method', ['lora', 'bitfit', 'ia3', 'houlsby'])
+@pytest.mark.parametrize('method', ['lora', 'bitfit', 'ia3', 'houlsby', 'ptuning'])
 def test_runlocal_trains_evaluates_and_exports(tiny, tmp_path, method):
   c = _config(tiny, method)
   c.export.merged = True
   final = loop.run(c, tmp_path)
   assert set(final) == {'loss', 'accuracy', 'f1_macro'}
-  if method == 'houlsby':   # bottleneck adapters add layers: nothing to merge into the weights
+  if method in ('houlsby', 'ptuning'):   # added layers / virtual tokens: nothing to merge
     assert not (tmp_path / 'merged').exists()
   else:
     merged = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / 'merged')
@@ -165,8 +165,13 @@ def test_runlocal_trains_evaluates_and_exports(tiny, tmp_path, method):
   # TensorBoard holds every logged scalar (float32) at its step
   assert _tb_scalars(tmp_path / 'tb') == pytest.approx(_jsonl_scalars(tmp_path), rel=1e-6)
   exported = sorted(p.name for p in (tmp_path / 'adapter').iterdir())
-  assert exported == (['adapter_config.json', 'adapter_model.safetensors', 'peftjax_base.json']
-                      if method in ('lora', 'ia3') else ['peftjax_adapter.safetensors'])
+  hf_files = ['adapter_config.json', 'adapter_model.safetensors']
+  assert exported == {'lora': hf_files + ['peftjax_base.json'], 'ia3': hf_files + ['peftjax_base.json'],
+                      'ptuning': hf_files}.get(method, ['peftjax_adapter.safetensors'])
+  if method == 'ptuning':   # the folded P-tuning prompts load in HF PEFT, head included
+    hf = json.loads((tmp_path / 'adapter' / 'adapter_config.json').read_text())
+    assert (hf['peft_type'], hf['task_type'], hf['modules_to_save']) == \
+        ('P_TUNING', 'SEQ_CLS', ['classifier'])
   if method in ('lora', 'ia3'):   # the base it was trained on: 2 BERT layers, param shapes hashed
     base = json.loads((tmp_path / 'adapter' / 'peftjax_base.json').read_text())
     assert (base['model_type'], base['num_layers'], len(base['param_shapes_sha256'])) == \
