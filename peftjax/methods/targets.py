@@ -10,7 +10,7 @@ HF PEFT's ``TRANSFORMERS_MODELS_TO_*_TARGET_MODULES_MAPPING`` (module-name suffi
 >>> import jax.numpy as jnp
 >>> params = {'attn': {'q_proj': {'kernel': jnp.ones((4, 4))},
 ...                   'o_proj': {'kernel': jnp.ones((4, 4))}}}
->>> list(linear_kernels(params, default_target('lora', 'llama')))
+>>> list(modules(params, default_target('lora', 'llama')))
 ['attn/q_proj']
 """
 import re
@@ -127,13 +127,7 @@ def modules(params, target: str, kinds=('kernel',)) -> dict[str, Weight]:
   return {p: _weight(p, found[p][1], found[p][0]) for p in paths}
 
 
-def linear_kernels(params, target: str) -> dict:
-  """``{module_path: kernel}`` (unboxed) for modules with a ``kernel`` whose path matches
-  ``target`` (see ``modules``)."""
-  return {p: w.value for p, w in modules(params, target).items()}
-
-
 def keyed(rng, items: dict):
-  """``(path, item, rng)`` for each entry of ``items``, one key each."""
+  """``(path, item, rng)`` for each entry of ``items`` (e.g. ``modules``'), one key each."""
   keys = jax.random.split(rng, max(len(items), 1))
   return [(path, w, key) for (path, w), key in zip(items.items(), keys)]
