@@ -14,5 +14,7 @@ from peftjax.data.chat import encode_chat, pair_messages, render
 from peftjax.errors import DataError
 from peftjax.data.loader import Loader, LoaderState
 from peftjax.data.packing import pack
+from peftjax.data.preference import (chatterbot_preferences, encode_preferences,
+                                     preference_splits, sentiment_preferences)
 from peftjax.data.sources import chatterbot_pairs, open_dataset, sentiment_tweets
 from peftjax.data.tokenize import Encoded, encode_classification, encode_sft

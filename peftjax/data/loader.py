@@ -118,7 +118,7 @@ class Loader:
         batch[column][real] = values
     if 'segment_ids' in batch:
       batch['attention_mask'] = batch.pop('segment_ids')
-    else:
+    elif 'input_ids' in batch:   # (preference pairs carry their own masks per sequence)
       lengths = np.zeros(len(rows), np.int32)
       lengths[real] = [len(ids) for ids in data['input_ids']]
       batch['attention_mask'] = (np.arange(self.seq_len) < lengths[:, None]).astype(np.int32)
