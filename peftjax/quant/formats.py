@@ -18,8 +18,8 @@ JAX (``jax.numpy``), inside the forward pass.
 
 >>> x = np.linspace(-1, 1, 64, dtype=np.float32)
 >>> codes, absmax = quantize(x, 'nf4', 64)
->>> codes[:4], absmax
-(array([0, 0, 0, 1], dtype=uint8), array([1.], dtype=float32))
+>>> codes[:8], absmax
+(array([0, 0, 0, 0, 0, 1, 1, 1], dtype=uint8), array([1.], dtype=float32))
 >>> float(np.abs(np.asarray(dequantize(codes, absmax, 'nf4', 64)) - x).max()) < 0.1
 True
 """
