@@ -20,7 +20,7 @@ JAX (``jax.numpy``), inside the forward pass.
 >>> codes, absmax = quantize(x, 'nf4', 64)
 >>> codes[:8], absmax
 (array([0, 0, 0, 0, 0, 1, 1, 1], dtype=uint8), array([1.], dtype=float32))
->>> float(np.abs(np.asarray(dequantize(codes, absmax, 'nf4', 64)) - x).max()) < 0.1
+>>> float(np.abs(np.asarray(dequantize(codes, absmax, 'nf4', 64)) - x).max()) < 0.15
 True
 """
 from __future__ import annotations
