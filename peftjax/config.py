@@ -19,6 +19,10 @@ PEFT_DEFAULTS = {
     'lora': dict(rank=8, alpha=16.0, dropout=0.05, learning_rate=2e-3),
     'rslora': dict(rank=8, alpha=16.0, dropout=0.05, learning_rate=2e-3),
     'dora': dict(rank=8, alpha=16.0, dropout=0.05, learning_rate=2e-3),
+    # ranks and averages as HF PEFT's AdaLoraConfig, deltaT as its example, alpha/dropout as
+    # LoRA above; the configs tie total_step/tinit/tfinal to train.steps (``adalora_schedule``).
+    'adalora': dict(init_r=12, target_r=8, alpha=16.0, dropout=0.05, deltaT=10, beta1=0.85,
+                    beta2=0.85, orth_reg_weight=0.5, learning_rate=2e-3),
     'ia3': dict(learning_rate=3e-3),
     'houlsby': dict(bottleneck=64, learning_rate=1e-3),
     'pfeiffer': dict(bottleneck=64, learning_rate=1e-3),
@@ -57,6 +61,24 @@ def peft_defaults(method: str) -> dict:
 def distributed_defaults() -> ml_collections.ConfigDict:
   """``config.distributed``: single process unless set (``--config.distributed.auto=True`` on
   SLURM / TPU pods, or coordinator address, process count and id); typed so that command-line
+def adalora_schedule(c: ml_collections.ConfigDict):
+  """Ties an AdaLoRA ``c.peft`` to ``c.train.steps``: ``total_step`` = optimizer steps (steps /
+  ``grad_accum_steps``), ``tinit`` 10% and ``tfinal`` 20% of it (lazy references: overriding
+  ``train.steps`` or ``peft.total_step`` on the command line moves them).
+
+  >>> c = ml_collections.ConfigDict(dict(train=dict(steps=200), optim=dict(grad_accum_steps=2),
+  ...                                    peft=dict(method='adalora')))
+  >>> adalora_schedule(c)
+  >>> c.train.steps = 100
+  >>> c.peft.total_step, c.peft.tinit, c.peft.tfinal
+  (50, 5, 10)
+  """
+  total = c.train.get_ref('steps') // c.optim.get_ref('grad_accum_steps')
+  c.peft.total_step = total
+  c.peft.tinit = c.peft.get_ref('total_step') // 10
+  c.peft.tfinal = c.peft.get_ref('total_step') // 5
+
+
   overrides of the None defaults work."""
   ref = ml_collections.FieldReference
   return ml_collections.ConfigDict(dict(

@@ -8,7 +8,7 @@ True
 """
 import functools
 
-from peftjax.methods import targets
+from peftjax.methods import adalora, targets
 from peftjax.methods.adapter import bottleneck_adapter
 from peftjax.methods.base import (ADAPTER, PeftMethod, Spec, by_module, compose, substitute,
                                   weight_space)
@@ -27,6 +27,7 @@ METHODS = {
     'rslora': functools.partial(lora, rslora=True),
     'dora': functools.partial(lora, dora=True),
     'ia3': ia3,
+    'adalora': adalora.adalora,
     'houlsby': functools.partial(bottleneck_adapter, train_norms=True),
     'pfeiffer': bottleneck_adapter,
     'modules_to_save': modules_to_save,
@@ -40,6 +41,7 @@ _DEFAULT_TARGET_KWARGS = {
     'lora': (('target', 'lora'),), 'rslora': (('target', 'lora'),), 'dora': (('target', 'lora'),),
     'ia3': (('target', 'ia3'), ('feedforward', 'ia3_feedforward')),
     'houlsby': (('target', 'houlsby'),), 'pfeiffer': (('target', 'pfeiffer'),),
+    'adalora': (('target', 'lora'),),
 }
 
 

@@ -34,7 +34,7 @@ from typing import Any
 import jax.numpy as jnp
 import safetensors.numpy
 
-from peftjax import errors
+from peftjax import errors, quant
 from peftjax.models import convert, registry
 
 
@@ -48,7 +48,7 @@ class Pretrained:
 
 
 def load_pretrained(source, task: str = 'causal_lm', dtype=jnp.float32,
-                    num_labels: int | None = None, shardings=None,
+                    num_labels: int | None = None, shardings=None, quantize=None,
                     **config_overrides) -> Pretrained:
   """Opens ``source`` (HF dir, sharded dir, ``.gguf``, hub id, asset alias) for ``task``.
 
@@ -60,17 +60,26 @@ def load_pretrained(source, task: str = 'causal_lm', dtype=jnp.float32,
   ``lambda module: sharding.model_shardings(module, mesh, rules)[1]``) loads every tensor
   straight into its shards, one shard at a time (``convert.params_from_hf``); without it the
   params land on the default device.
+
+  ``quantize`` (a ``quant.QuantConfig``, or a type name such as ``'nf4'``) quantises the layer
+  stack's Dense kernels while loading, one tensor at a time (QLoRA's frozen base); its
+  ``compute_dtype``, if set, is the model's compute dtype.
   """
   from peftjax.models import checkpoint, tokenizer as tokenizers   # lazy: heavy optional deps
   ckpt = checkpoint.open_checkpoint(source)
   overrides = dict(dtype=dtype, param_dtype=dtype)
   if num_labels is not None:
     overrides['num_labels'] = num_labels
+  if isinstance(quantize, str):
+    quantize = quant.QuantConfig(quant.check_type(quantize))
+  if quantize is not None and quantize.compute_dtype is not None:
+    overrides['dtype'] = quantize.compute_dtype
   overrides.update(config_overrides)
   config = registry.config_from_hf(ckpt.config, **overrides)
   module = registry.build(config, task)
   params = convert.params_from_hf(config, ckpt.tensors, config.param_dtype, task,
-                                  shardings=None if shardings is None else shardings(module))
+                                  shardings=None if shardings is None else shardings(module),
+                                  quantize=quantize)
   try:
     tok = tokenizers.load_tokenizer(ckpt.tokenizer_source)
   except errors.CheckpointError as err:

@@ -26,7 +26,7 @@ import numpy as np
 from flax import traverse_util
 from flax.core import meta
 
-from peftjax import errors
+from peftjax import errors, quant
 from peftjax.models import families, registry
 
 # Heads Hugging Face also creates fresh when the checkpoint lacks them (fine-tuning a base model).
@@ -145,8 +145,25 @@ def _sharded(sds, sharding, read) -> jax.Array:
   return jax.make_array_from_callback(sds.shape, sharding, shard, dtype=sds.dtype)
 
 
+def quantized_paths(config, paths) -> list:
+  """The Dense kernels a quantised base stores quantised: every ``kernel`` in the layer stack
+  (heads, poolers and embeddings stay in ``param_dtype``, as transformers' bitsandbytes
+  integration keeps its output head)."""
+  stack = re.compile(families.layers_regex(config) + '/.*')
+  return [p for p in paths if p[-1] == 'kernel' and stack.fullmatch('/'.join(p[:-1]))]
+
+
+def _quantize(sds, read, scanned: bool, quantize, name: str):
+  """A ``quant.QuantizedKernel`` read and quantised one HF tensor (one layer) at a time."""
+  full = lambda *lead: (*lead, *(slice(None),) * (len(sds.shape) - len(lead)))
+  if not scanned:
+    return quantize.kernel(read(full()), name)
+  return quant.stack([quantize.kernel(read(full(slice(i, i + 1)))[0], f'{name}[{i}]')
+                      for i in range(sds.shape[0])])
+
+
 def params_from_hf(config, tensors, dtype=jnp.float32, task: str = 'causal_lm', *,
-                   seed: int = 0, shardings=None) -> dict:
+                   seed: int = 0, shardings=None, quantize=None) -> dict:
   """Params for ``registry.build(config, task)`` read one tensor at a time from ``tensors``.
 
   ``tensors`` is a lazy mapping (``keys()``, ``shape(name)``, ``file_of(name)``, ``[name]`` ->
@@ -159,6 +176,11 @@ def params_from_hf(config, tensors, dtype=jnp.float32, task: str = 'causal_lm', 
   built shard by shard with ``jax.make_array_from_callback``: each process reads only the slices
   its devices hold, and no whole tensor is placed on one device. Without, arrays are placed on
   the default device.
+
+  With ``quantize`` (a ``quant.QuantConfig``) the layer stack's Dense kernels
+  (``quantized_paths``) become ``quant.QuantizedKernel``s, each quantised on the host as it is
+  read (per layer when scanned) and placed in the shardings of its logical axes: peak host
+  memory is the quantised model plus one tensor.
   """
   dtype = jnp.dtype(dtype)
   readers = _param_readers(config, tensors, dtype, task, seed)
@@ -168,8 +190,13 @@ def params_from_hf(config, tensors, dtype=jnp.float32, task: str = 'causal_lm', 
     raise ValueError(f'shardings do not match the params of {config.model_type}/{task}: '
                      f'{", ".join("/".join(p) for p in odd[:5])} in only one of them')
   flat = {}
+  quantized = set(quantized_paths(config, readers) if quantize is not None else ())
   for path, (sds, read) in readers.items():
-    if flat_shardings is None:
+    if path in quantized:
+      q = _quantize(sds, read, is_scanned(config, path), quantize, '/'.join(path))
+      flat[path] = jax.device_put(q, None if flat_shardings is None else
+                                  quant.kernel_shardings(q, flat_shardings[path]))
+    elif flat_shardings is None:
       flat[path] = jnp.asarray(read((slice(None),) * len(sds.shape)))
     else:
       flat[path] = _sharded(sds, flat_shardings[path], read)
@@ -180,6 +207,9 @@ def params_to_hf(config, params) -> dict[str, np.ndarray]:
   """Hugging Face state dict (numpy, HF layouts) of plain or boxed ``params``."""
   out = {}
   for path, arr in traverse_util.flatten_dict(meta.unbox(params)).items():
+    if quant.is_quantized(arr):
+      raise ValueError(f'{"/".join(path)} is a {arr.qtype} kernel; a Hugging Face checkpoint '
+                       'holds float weights: dequantise first (quant.dequantize_params)')
     arr = np.asarray(arr)
     layers = range(arr.shape[0]) if is_scanned(config, path) else [None]
     for layer in layers:

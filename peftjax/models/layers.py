@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from peftjax import errors
+from peftjax import errors, quant
 
 Array = jax.Array
 
@@ -89,10 +89,31 @@ def common_to_hf(config) -> dict:
 
 # ----------------------------------------------------------------------------- parameters
 
+class Dense(nn.Dense):
+  """``nn.Dense`` whose kernel may also be a frozen ``quant.QuantizedKernel``: it is
+  dequantised here, inside the call, to the compute dtype (``dtype``, else the input's), so no
+  full-precision copy outlives the layer. A float kernel computes exactly as ``nn.Dense``."""
+
+  @nn.compact
+  def __call__(self, inputs):
+    kernel = nn.meta.unbox(self.get_variable('params', 'kernel'))
+    if isinstance(kernel, quant.QuantizedKernel):
+      kernel = kernel.dequantize(self.dtype or inputs.dtype)
+    else:
+      kernel = self.param('kernel', self.kernel_init, (jnp.shape(inputs)[-1], self.features),
+                          self.param_dtype)
+    bias = (self.param('bias', self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias else None)
+    inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+    y = jax.lax.dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())),
+                            precision=self.precision)
+    return y if bias is None else y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+
+
 def dense(features: int, axes: tuple, name: str | None, config, *,
           use_bias: bool = False) -> nn.Dense:
-  """An ``nn.Dense`` named ``name`` whose kernel/bias carry logical ``axes`` (in, out)."""
-  return nn.Dense(
+  """A ``Dense`` named ``name`` whose kernel/bias carry logical ``axes`` (in, out)."""
+  return Dense(
       features, use_bias=use_bias, dtype=config.dtype, param_dtype=config.param_dtype,
       kernel_init=nn.with_logical_partitioning(
           nn.initializers.normal(config.initializer_range), axes),

@@ -7,8 +7,8 @@ quantisation (``formats``), and the quantised-kernel pytree type with its helper
 ('int8', (64, 8), 544)
 """
 from peftjax.quant.formats import TABLES, check_type
-from peftjax.quant.kernel import (QuantizedKernel, dequantize_params, is_quantized, kernel_shardings,
-                                  nbytes, quantize_kernel, quantize_params, require_float,
-                                  shardings, value)
+from peftjax.quant.kernel import (QuantConfig, QuantizedKernel, dequantize_params, is_quantized,
+                                  kernel_shardings, nbytes, quantize_kernel, quantize_params,
+                                  require_float, shardings, stack, value)
 
 TYPES = tuple(TABLES)

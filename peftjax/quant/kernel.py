@@ -20,7 +20,7 @@ True
 from __future__ import annotations
 
 import re
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import flax.linen as nn
 import flax.struct
@@ -95,6 +95,25 @@ def quantize_kernel(kernel, qtype: str = 'nf4', block_size: int = 64,
     parts.append((codes, *formats.quantize_absmax(absmax)) if double_quant else (codes, absmax))
   stacked = [np.stack(a).reshape(tuple(stack) + a[0].shape) for a in zip(*parts)]
   return QuantizedKernel(*stacked, qtype=qtype, block_size=block_size, shape=kernel.shape)
+
+
+class QuantConfig(NamedTuple):
+  """How to quantise a base while loading (``auto.load_pretrained(..., quantize=...)``):
+  ``qtype`` one of ``formats.TABLES``, ``block_size``, ``double_quant``, and the compute dtype
+  that quantised layers dequantise to (None: the model's ``dtype``)."""
+  qtype: str = 'nf4'
+  block_size: int = 64
+  double_quant: bool = True
+  compute_dtype: Any = None
+
+  def kernel(self, kernel, name: str = 'kernel') -> 'QuantizedKernel':
+    return quantize_kernel(kernel, self.qtype, self.block_size, self.double_quant, name)
+
+
+def stack(kernels: list) -> QuantizedKernel:
+  """Quantised kernels of equal shape stacked on a new leading (layer) axis."""
+  out = jax.tree.map(lambda *xs: np.stack(xs), *kernels)
+  return out.replace(shape=(len(kernels), *kernels[0].shape))
 
 
 def is_quantized(x) -> bool:
