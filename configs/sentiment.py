@@ -3,8 +3,8 @@
   python launch.py --config=configs/sentiment.py:method=lora --workdir=/tmp/sentiment
   python launch.py --config=configs/sentiment.py:method=dora,runlocal --workdir=/tmp/smoke
 
-Arguments: ``method`` (full, bitfit, lora, rslora, dora, ia3, houlsby, pfeiffer, prompt,
-ptuning, prefix, ptuning_v2), ``runlocal``
+Arguments: ``method`` (full, bitfit, lora, rslora, dora, adalora, ia3, houlsby, pfeiffer,
+prompt, ptuning, prefix, ptuning_v2), ``runlocal``
 (a tiny smoke run of a few steps on a data subset).
 """
 import ml_collections
@@ -35,6 +35,8 @@ def get_config(arg=None):
   c.train = dict(steps=200, log_every=25, eval_every=100, checkpoint_every=100, keep=2)
   c.mesh = dict(data=-1, fsdp=1, tensor=1)
   c.distributed = pconfig.distributed_defaults()
+  if a.method == 'adalora':
+    pconfig.adalora_schedule(c)
   c.export = dict(adapter=True, merged=False)
 
   if a.runlocal:

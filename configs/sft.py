@@ -33,6 +33,8 @@ def get_config(arg=None):
   c.train = dict(steps=300, log_every=20, eval_every=100, checkpoint_every=100, keep=2)
   c.mesh = dict(data=-1, fsdp=1, tensor=1)
   c.distributed = pconfig.distributed_defaults()
+  if a.method == 'adalora':
+    pconfig.adalora_schedule(c)
   c.export = dict(adapter=True, merged=False)
 
   if a.runlocal:

@@ -1,4 +1,5 @@
-"""Hugging Face PEFT adapter directories <-> peftjax adapters (LoRA, rsLoRA, DoRA, IA3).
+"""Hugging Face PEFT adapter directories <-> peftjax adapters (LoRA, rsLoRA, DoRA, IA3,
+AdaLoRA).
 
 A HF PEFT directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` with keys
 ``base_model.model.<HF module>.<leaf>``: ``lora_A.weight (r, in)``, ``lora_B.weight (out, r)``,
@@ -10,9 +11,12 @@ and the full weights of ``modules_to_save`` (e.g. ``classifier.weight``). In pef
 ``lora_embedding_A (vocab, r)``, ``lora_embedding_B (r, dim)``, ``ia3_l`` and adapter leaves at
 base-param paths (``classifier/kernel``, ``.../q_proj/bias``); a saved embedding is the leaf
 ``<module>/input_embedding`` that only the input lookup reads (HF PEFT's tied LM head keeps the
-original). Scanned layouts are (un)stacked per layer. GPT-2's Conv1D modules only change
-``fan_in_fan_out`` (their LoRA factors are oriented as ``nn.Linear``'s). The bare base model
-(``task='base'``, e.g. ``BertModel``) has no base-model prefix (``bert.``) in its names.
+original). AdaLoRA (``ADALORA``) holds ``lora_A``/``lora_B``/``lora_E`` (no ``.weight``; ``E (r,
+1)``) truncated to the singular values its ``rank_pattern`` keeps; peftjax holds ``init_r`` of
+them everywhere, the dropped ones zero. Scanned layouts are (un)stacked per layer. GPT-2's
+Conv1D modules only change ``fan_in_fan_out`` (their LoRA factors are oriented as
+``nn.Linear``'s). The bare base model (``task='base'``, e.g. ``BertModel``) has no base-model
+prefix (``bert.``) in its names.
 
 Everything written to ``adapter_config.json`` comes from ``method.spec`` and the adapter's shapes:
 
@@ -51,6 +55,7 @@ from flax.core import meta
 
 from peftjax import errors, tree
 from peftjax.methods import base
+from peftjax.methods.adalora import adalora
 from peftjax.methods.ia3 import ia3
 from peftjax.methods.lora import lora, pattern_value
 from peftjax.methods.saved import INPUT_EMBEDDING, modules_to_save, saved_leaf
@@ -67,11 +72,16 @@ LEAVES = {'lora_A': ('lora_A.weight', True, 'kernel'),
           'lora_embedding_A': ('lora_embedding_A', True, 'embedding'),
           'lora_embedding_B': ('lora_embedding_B', True, 'embedding'),
           'ia3_l': ('ia3_l', False, 'kernel')}
+# AdaLoRA's (HF ``ADALORA``) leaves: ``lora_A (r, in)``, ``lora_B (out, r)``, ``lora_E (r, 1)``,
+# keys without ``.weight``; ``rank_pattern`` ({``<module>.lora_E``: [kept] * init_r}) says which
+# singular values a module's (truncated) tensors hold.
+ADALORA_LEAVES = {'lora_A': ('lora_A', True, 'kernel'), 'lora_B': ('lora_B', True, 'kernel'),
+                  'lora_E': ('lora_E', False, 'kernel')}
 # The copy of a saved embedding that only the module's input lookup reads.
 # Adapter leaves that replace a base param (``input_embedding`` the lookup's ``embedding``).
 _PARAM_LEAVES = ('kernel', 'bias', 'scale', 'embedding', INPUT_EMBEDDING)
 # peftjax method names whose adapters HF PEFT can load.
-EXPORTABLE = ('lora', 'rslora', 'dora', 'ia3')
+EXPORTABLE = ('lora', 'rslora', 'dora', 'ia3', 'adalora')
 # Methods that may be composed with one of those: their leaves are modules_to_save or biases.
 _EXTRAS = ('modules_to_save', 'bitfit')
 TASK_TYPES = {'causal_lm': 'CAUSAL_LM', 'classification': 'SEQ_CLS', 'value': 'SEQ_CLS',
@@ -214,6 +224,7 @@ def save_adapter(directory, method: base.PeftMethod, adapter, base_config, *,
                      f'got methods {[s.name for s in specs]}')
   core = cores[0]
   is_ia3 = core.name == 'ia3'
+  leaf_table = ADALORA_LEAVES if core.name == 'adalora' else LEAVES
   tie = any(s.hparams.get('ensure_weight_tying') for s in specs if s.name == 'modules_to_save')
   adapter = meta.unbox(adapter)
   task = task or _infer_task(config, adapter)
@@ -232,8 +243,8 @@ def save_adapter(directory, method: base.PeftMethod, adapter, base_config, *,
         if name not in universe:
           raise ValueError(f'adapter module {module} ({name}) is not a module of '
                            f'{config.model_type} ({task})')
-        if leaf in LEAVES:
-          suffix, transpose, _ = LEAVES[leaf]
+        if leaf in leaf_table:
+          suffix, transpose, _ = leaf_table[leaf]
           key = f'{name}.{suffix}'
           adapted[name] = module
           conv1d |= any(m in config.conv1d for m in mods)
@@ -271,6 +282,13 @@ def save_adapter(directory, method: base.PeftMethod, adapter, base_config, *,
     if tie:
       raise ValueError('ensure_weight_tying is a LoRA option of HF PEFT, not an IA3 one')
     hf.update(feedforward_modules=_suffixes(feedforward, universe), init_ia3_weights=True)
+  elif core.name == 'adalora':
+    h = core.hparams
+    hf.update(peft_type='ADALORA', lora_alpha=h['alpha'], lora_dropout=h['dropout'], bias=bias,
+              ensure_weight_tying=hf_ties, init_lora_weights=True,
+              rank_pattern=_truncate_adalora(tensors, adapted),
+              **{k: h[k] for k in ('init_r', 'target_r', 'tinit', 'tfinal', 'deltaT', 'beta1',
+                                   'beta2', 'orth_reg_weight', 'total_step')})
   else:
     h = core.hparams
     alphas = {n: pattern_value(h['alpha_pattern'], adapted[n], h['alpha']) for n in ranks}
@@ -286,6 +304,50 @@ def save_adapter(directory, method: base.PeftMethod, adapter, base_config, *,
   safetensors.numpy.save_file({PREFIX + k: v for k, v in tensors.items()},
                               str(directory / WEIGHTS_FILE), metadata={'format': 'pt'})
   return directory
+
+
+def _truncate_adalora(tensors: dict, adapted) -> dict | None:
+  """HF PEFT's AdaLoRA save: each module keeps the singular values in use (``E != 0``) and
+  ``rank_pattern`` records which; ``E`` becomes ``(r, 1)``. An adapter with no zero ``E`` (never
+  masked), or only zeros (untrained), is written whole with no ``rank_pattern``, as HF saves
+  before its first masking step."""
+  kept = {n: tensors[f'{n}.lora_E'] != 0 for n in adapted}
+  masked = any(k.any() for k in kept.values()) and not all(k.all() for k in kept.values())
+  for n, keep in kept.items():
+    if masked:
+      tensors[f'{n}.lora_A'] = np.ascontiguousarray(tensors[f'{n}.lora_A'][keep])
+      tensors[f'{n}.lora_B'] = np.ascontiguousarray(tensors[f'{n}.lora_B'][:, keep])
+    e = tensors[f'{n}.lora_E']
+    tensors[f'{n}.lora_E'] = np.ascontiguousarray((e[keep] if masked else e)[:, None])
+  return {f'{n}.lora_E': k.tolist() for n, k in sorted(kept.items())} if masked else None
+
+
+def _expand_adalora(file, hf: dict, tensors: dict, names: dict) -> dict:
+  """HF ``ADALORA`` tensors back to ``init_r`` singular values per module: a module in
+  ``rank_pattern`` gets its saved ones at the kept positions and zeros elsewhere (``E = 0``:
+  masked), ``lora_E (r, 1)`` becomes ``(r,)``. Raises ``CheckpointError`` naming a
+  ``rank_pattern`` module that the base lacks or whose tensors do not fit the pattern."""
+  init_r, out = hf['init_r'], dict(tensors)
+  for key, keep in (hf.get('rank_pattern') or {}).items():
+    module = re.sub(r'\.lora_E(\.[^.]+)?$', '', key)
+    if f'{module}.weight' not in names:
+      raise errors.CheckpointError(f'{file}: rank_pattern names module {module} ({key}), which '
+                                   'the base model lacks')
+    keep = np.asarray(keep, bool)
+    if keep.shape != (init_r,):
+      raise errors.CheckpointError(f'{file}: rank_pattern[{key!r}] has {keep.size} entries, '
+                                   f'expected init_r={init_r}')
+    for leaf, axis in (('lora_A', 0), ('lora_B', 1), ('lora_E', 0)):
+      name = f'{PREFIX}{module}.{leaf}'
+      value = out.get(name)
+      if value is None or value.shape[axis] != keep.sum():
+        raise errors.CheckpointError(
+            f'{file}: rank_pattern[{key!r}] keeps {keep.sum()} singular values but tensor {name} '
+            f'is {"missing" if value is None else f"of shape {tuple(value.shape)}"}')
+      full = np.zeros(value.shape[:axis] + (init_r,) + value.shape[axis + 1:], value.dtype)
+      full[(slice(None),) * axis + (keep,)] = value
+      out[name] = full
+  return {k: v.reshape(-1) if k.endswith('.lora_E') else v for k, v in out.items()}
 
 
 def _ties_in_hf(config, embedding: str) -> bool:
@@ -306,9 +368,9 @@ def read_config(directory) -> dict:
     raise errors.CheckpointError(f'{directory}: no {CONFIG_FILE}; not a Hugging Face PEFT '
                                  'adapter directory')
   hf = json.loads(file.read_text())
-  if hf.get('peft_type') not in ('LORA', 'IA3'):
+  if hf.get('peft_type') not in ('LORA', 'IA3', 'ADALORA'):
     raise errors.CheckpointError(f'{file}: unsupported peft_type {hf.get("peft_type")!r}; '
-                                 'supported: LORA, IA3')
+                                 'supported: LORA, IA3, ADALORA')
   for key, default in _UNSUPPORTED_OPTIONS.items():
     if hf.get(key, default) not in (default, None):
       raise errors.CheckpointError(f'{file}: {key}={hf[key]!r} is not supported by peftjax '
@@ -325,7 +387,7 @@ def _expected(leaf: str, weight_shape, r) -> set[tuple]:
   d_in, d_out = weight_shape[-2:]
   return {'lora_A': {(r, d_in)}, 'lora_B': {(d_out, r)}, 'lora_magnitude_vector': {(d_out,)},
           'lora_embedding_A': {(r, d_in)}, 'lora_embedding_B': {(d_out, r)},
-          'ia3_l': {(d_out, 1), (1, d_in)}}[leaf]
+          'ia3_l': {(d_out, 1), (1, d_in)}, 'lora_E': {(r,)}}[leaf]
 
 
 def _set_layers(value, by_layer: dict):
@@ -372,10 +434,15 @@ def load_adapter(directory, params, config, rng=None) -> tuple[base.PeftMethod, 
   r_default, alpha_default = hf.get('r'), hf.get('lora_alpha')
   found, saved, ranks, alphas = {}, {}, {}, {}   # keyed by (flax module, leaf) / param path
   head_copy = None
-  for key, value in safetensors.numpy.load_file(str(file)).items():
+  tensors = safetensors.numpy.load_file(str(file))
+  leaf_table = LEAVES
+  if hf['peft_type'] == 'ADALORA':   # init_r singular values everywhere, masked ones zero
+    tensors, leaf_table = _expand_adalora(file, hf, tensors, names), ADALORA_LEAVES
+    r_default = hf['init_r']
+  for key, value in tensors.items():
     name = key.removeprefix(PREFIX)
-    leaf = next((l for l, (s, _, _) in LEAVES.items() if name.endswith('.' + s)), None)
-    module = name[:-len(LEAVES[leaf][0]) - 1] if leaf else name.rpartition('.')[0]
+    leaf = next((l for l, (s, _, _) in leaf_table.items() if name.endswith('.' + s)), None)
+    module = name[:-len(leaf_table[leaf][0]) - 1] if leaf else name.rpartition('.')[0]
     base_layer = module.endswith('.base_layer')
     module = module.removesuffix('.base_layer')
     target = f'{module}.weight' if leaf else f'{module}.{name.rpartition(".")[2]}'
@@ -388,17 +455,18 @@ def load_adapter(directory, params, config, rng=None) -> tuple[base.PeftMethod, 
           f'({tied}, tie_word_embeddings=True), so peftjax has no separate lm_head to adapt or '
           'save' + (' (ensure_weight_tying=True with LoRA on the tied embedding is not '
                     'supported)' if hf.get('ensure_weight_tying') else ''))
-    if target not in names or (leaf and names[target][0][-1] != LEAVES[leaf][2]):
+    if target not in names or (leaf and names[target][0][-1] != leaf_table[leaf][2]):
       raise errors.CheckpointError(f'{file}: tensor {key} names module {module}, which the '
-                                   'base model lacks' + (f' as a {LEAVES[leaf][2]}' if leaf
+                                   'base model lacks' + (f' as a {leaf_table[leaf][2]}' if leaf
                                                          and target in names else ''))
     if leaf and (leaf == 'ia3_l') != (hf['peft_type'] == 'IA3'):
       raise errors.CheckpointError(f'{file}: tensor {key} in a {hf["peft_type"]} adapter')
     path, layer, transpose = names[target]
     shape = flat_params[path].shape[1:] if layer is not None else flat_params[path].shape
-    r = _hf_pattern_value(hf.get('rank_pattern'), module, r_default)
+    r = r_default if leaf_table is ADALORA_LEAVES else _hf_pattern_value(
+        hf.get('rank_pattern'), module, r_default)
     if leaf:
-      want, transpose = _expected(leaf, shape, r), LEAVES[leaf][1]
+      want, transpose = _expected(leaf, shape, r), leaf_table[leaf][1]
     else:
       want = {tuple(shape[::-1]) if transpose else tuple(shape)}
     if tuple(value.shape) not in want:
@@ -429,6 +497,10 @@ def load_adapter(directory, params, config, rng=None) -> tuple[base.PeftMethod, 
   if hf['peft_type'] == 'IA3':
     ff = [m for m in modules if next(iter(found[m, 'ia3_l'].values())).shape[0] == 1]
     method = ia3(target, '|'.join(re.escape(m) for m in ff) or None)
+  elif hf['peft_type'] == 'ADALORA':
+    method = adalora(alpha=alpha_default, dropout=hf.get('lora_dropout', 0.0), target=target,
+                     **{k: hf[k] for k in ('init_r', 'target_r', 'tinit', 'tfinal', 'deltaT',
+                                           'beta1', 'beta2', 'orth_reg_weight', 'total_step')})
   else:
     patterns = {k: {re.escape(m): v for m, v in sorted(values.items()) if v != default}
                 for k, values, default in (('rank_pattern', ranks, r_default),

@@ -63,6 +63,27 @@ def _check_unchanged(what: str, before, after):
                      f'{jax.tree.structure(before)} -> {jax.tree.structure(after)}'))
 
 
+def _method_update(update: Update, state: TrainState, opt_state, adapter, grads):
+  """``update`` after an optimizer step. Under ``optax.MultiSteps`` (gradient accumulation) it
+  runs only on the micro-batch that completes an optimizer step, with the accumulated (mean)
+  gradient the optimizer used and the count of optimizer steps; other micro-batches keep the
+  method state and the adapter."""
+  if not isinstance(state.opt_state, optax.MultiStepsState):
+    new_state, new_adapter = update(state.method_state, adapter, grads, state.step + 1)
+    emitted = None
+  else:
+    old = state.opt_state
+    mean = jax.tree.map(lambda acc, g: acc + (g - acc) / (old.mini_step + 1), old.acc_grads, grads)
+    new_state, new_adapter = update(state.method_state, adapter, mean, opt_state.gradient_step)
+    emitted = opt_state.gradient_step > old.gradient_step
+  _check_unchanged('adapter', state.adapter, new_adapter)
+  _check_unchanged('method state', state.method_state, new_state)
+  if emitted is None:
+    return new_state, new_adapter
+  keep = lambda new, prev: jnp.where(emitted, new, prev)
+  return jax.tree.map(keep, new_state, state.method_state), jax.tree.map(keep, new_adapter, adapter)
+
+
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
                     state_shardings: TrainState, base_shardings: Any, batch_sharding: Any,
                     compute_dtype=None, donate: bool = True,
@@ -78,9 +99,10 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
   sees the adapter the loss sees (cast to `compute_dtype`) and is added to the loss that is
   differentiated and reported. `update(state.method_state, adapter, grads, step)` runs after
   the optimizer step on the float32 master adapter and its float32 gradients, `step` being the
-  count of steps done including this one; it returns `(method_state, adapter)` of unchanged
-  structure, shapes and dtypes. With gradient accumulation (`optax.MultiSteps`) a step is one
-  micro-batch: `update` runs on each, with that micro-batch's gradients.
+  count of optimizer steps done including this one; it returns `(method_state, adapter)` of
+  unchanged structure, shapes and dtypes. With gradient accumulation (an `optax.MultiSteps`
+  optimizer) it runs once per optimizer step, on the micro-batch that completes it, with the
+  accumulated gradient (as HF PEFT's `update_and_allocate` after `optimizer.step()`).
   Metrics are the loss_fn's plus `loss`, `grad_norm` and, with a regulariser, `regularizer`,
   replicated.
   """
@@ -101,9 +123,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     updates, opt_state = optimizer.update(grads, state.opt_state, state.adapter)
     adapter, method_state = optax.apply_updates(state.adapter, updates), state.method_state
     if update is not None:
-      method_state, adapter = update(state.method_state, adapter, grads, state.step + 1)
-      _check_unchanged('adapter', state.adapter, adapter)
-      _check_unchanged('method state', state.method_state, method_state)
+      method_state, adapter = _method_update(update, state, opt_state, adapter, grads)
     state = state.replace(step=state.step + 1, adapter=adapter, opt_state=opt_state,
                           rng=jax.random.key_data(key), data_position=state.data_position + 1,
                           method_state=method_state)
