@@ -30,6 +30,9 @@ PEFT_DEFAULTS = {
     'ptuning': dict(num_virtual_tokens=20, encoder_hidden_size=128, learning_rate=1e-3),
     'prefix': dict(num_virtual_tokens=20, projection=True, learning_rate=1e-2),
     'ptuning_v2': dict(num_virtual_tokens=20, learning_rate=1e-2),
+    # the paper's r, prefix length and MLP width; bottleneck 24 = hidden / 16 on MiniLM
+    'unipelt': dict(rank=8, num_virtual_tokens=10, encoder_hidden_size=512, bottleneck=24,
+                    gate_pool='mean', learning_rate=2e-3),
 }
 
 

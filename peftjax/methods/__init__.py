@@ -19,6 +19,7 @@ from peftjax.methods.lora import lora, lora_plus_labels
 from peftjax.methods.prefix import prefix_tuning, ptuning_v2
 from peftjax.methods.prompt import prompt_tuning, ptuning
 from peftjax.methods.saved import modules_to_save
+from peftjax.methods.unipelt import unipelt
 
 METHODS = {
     'full': full,
@@ -35,6 +36,7 @@ METHODS = {
     'ptuning': ptuning,
     'prefix': prefix_tuning,
     'ptuning_v2': ptuning_v2,
+    'unipelt': unipelt,
 }
 # Method name -> (constructor kwarg, targets table key) filled from ``model_type`` when omitted.
 _DEFAULT_TARGET_KWARGS = {
@@ -42,6 +44,7 @@ _DEFAULT_TARGET_KWARGS = {
     'ia3': (('target', 'ia3'), ('feedforward', 'ia3_feedforward')),
     'houlsby': (('target', 'houlsby'),), 'pfeiffer': (('target', 'pfeiffer'),),
     'adalora': (('target', 'lora'),),
+    'unipelt': (('target', 'lora'), ('attention_target', 'lora'), ('adapter_target', 'pfeiffer')),
 }
 
 

@@ -36,7 +36,7 @@ def build_method(peft_config, pretrained) -> methods.PeftMethod:
   be trained)."""
   kwargs = {k: v for k, v in peft_config.items()
             if k not in ('method', 'trainable_heads') and v is not None}
-  if peft_config.method in ('prefix', 'ptuning_v2'):   # per-layer key/value shapes of the model
+  if peft_config.method in ('prefix', 'ptuning_v2', 'unipelt'):   # per-layer key/value shapes
     kwargs.update(methods.prefix.model_dims(pretrained.config))
   method = methods.get(peft_config.method, model_type=pretrained.config.model_type, **kwargs)
   if peft_config.trainable_heads and peft_config.method != 'full':
