@@ -7,6 +7,8 @@ never ``W + s A B``. DoRA adds ``lora_magnitude_vector (out,)`` = column norms o
 rescales each output feature by ``m / ||W + s A B||`` (norm detached, as HF PEFT / the paper);
 with dropout the base output it rescales is ``dropout(x) W``, as HF PEFT.
 Leaves map to HF PEFT names: ``<path>/lora_A`` <-> ``<path>.lora_A.weight`` (transposed).
+With ``gate`` (UniPELT) a gate of the layer's input (``gate.py``: ``lora_gate``,
+``lora_gate_bias``) takes the place of ``s``, as the paper's code; a gated LoRA is not mergeable.
 
 >>> import jax, jax.numpy as jnp, flax.linen as nn
 >>> model = nn.Dense(8, name='q_proj')
@@ -25,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from peftjax import tree
-from peftjax.methods import base, targets
+from peftjax.methods import base, gate as gates, targets
 
 
 def _scale(alpha: float, rank: int, rslora: bool) -> float:
@@ -83,15 +85,16 @@ def _embedding_lora(adapter_vars, module, ids, scale):
 
 def lora(rank: int = 8, alpha: float = 8.0, target: str = targets.ALL_LINEAR,
          dropout: float = 0.0, rslora: bool = False, dora: bool = False,
-         rank_pattern: Optional[dict] = None, alpha_pattern: Optional[dict] = None
-         ) -> base.PeftMethod:
+         rank_pattern: Optional[dict] = None, alpha_pattern: Optional[dict] = None,
+         gate: Optional[str] = None) -> base.PeftMethod:
   """LoRA on Dense (and ``nn.Embed``) layers whose module path matches ``target``.
 
   ``rank``/``alpha``/``dropout`` are HF PEFT's ``r``/``lora_alpha``/``lora_dropout``;
   ``rslora``/``dora`` are ``use_rslora``/``use_dora``; ``rank_pattern``/``alpha_pattern`` map
   module-path regexes to per-module ranks/alphas (the first key that ``re.fullmatch``-es wins).
   A targeted embedding gets ``lora_embedding_A (vocab, r)`` (zeros) and ``lora_embedding_B (r,
-  dim)`` (normal), as HF PEFT (transposed).
+  dim)`` (normal), as HF PEFT (transposed). ``gate`` ('mean' or 'token', ``gate.POOLS``) gates
+  each Dense LoRA by its input in place of ``alpha / r`` (UniPELT); not with DoRA or embeddings.
   """
   ranks = [rank, *(rank_pattern or {}).values()]
   if not all(isinstance(r, int) and r > 0 for r in ranks):
@@ -99,9 +102,12 @@ def lora(rank: int = 8, alpha: float = 8.0, target: str = targets.ALL_LINEAR,
                      f'(rank_pattern {rank_pattern!r})')
   if not 0.0 <= dropout < 1.0:
     raise ValueError(f'LoRA dropout must be in [0, 1), got {dropout!r}')
+  if gates.check_pool(gate, 'LoRA') and dora:
+    raise ValueError(f'LoRA gate={gate!r} does not combine with DoRA')
   spec = base.Spec('lora', dict(rank=rank, alpha=alpha, target=target, dropout=dropout,
                                 rslora=rslora, dora=dora, rank_pattern=dict(rank_pattern or {}),
-                                alpha_pattern=dict(alpha_pattern or {})))
+                                alpha_pattern=dict(alpha_pattern or {}),
+                                **({'gate': gate} if gate else {})))
 
   def module_scale(path: str, r: int) -> float:
     return _scale(pattern_value(alpha_pattern, path, alpha), r, rslora)
@@ -113,8 +119,9 @@ def lora(rank: int = 8, alpha: float = 8.0, target: str = targets.ALL_LINEAR,
       r = pattern_value(rank_pattern, path, rank)
       d_in, d_out = w.value.shape[-2:]
       if w.kind == 'embedding':
-        if dora:
-          raise ValueError(f'{path}: DoRA on an embedding is not supported')
+        if dora or gate:
+          raise ValueError(f'{path}: {"DoRA" if dora else "a LoRA gate"} on an embedding is '
+                           'not supported')
         adapter[f'{path}/lora_embedding_A'] = targets.box(
             jnp.zeros((*w.stack, d_in, r), jnp.float32), w.axes('in', None))
         adapter[f'{path}/lora_embedding_B'] = targets.box(
@@ -123,6 +130,10 @@ def lora(rank: int = 8, alpha: float = 8.0, target: str = targets.ALL_LINEAR,
       if r > min(d_in, d_out):
         raise ValueError(f'LoRA rank {r} exceeds min(in, out) = {min(d_in, d_out)} '
                          f'of {path} (kernel {tuple(w.value.shape)})')
+      if gate:
+        key, gate_key = jax.random.split(key)
+        adapter.update({f'{path}/{k}': v
+                        for k, v in gates.init(gate_key, w, 'lora_gate').items()})
       bound = 1.0 / math.sqrt(d_in)  # kaiming_uniform_(a=sqrt(5)) on torch's (r, in) weight
       adapter[f'{path}/lora_A'] = targets.box(
           jax.random.uniform(key, (*w.stack, d_in, r), jnp.float32, -bound, bound),
@@ -148,6 +159,9 @@ def lora(rank: int = 8, alpha: float = 8.0, target: str = targets.ALL_LINEAR,
       h = jnp.where(keep, x / (1.0 - dropout), 0).astype(x.dtype)
     h, a, b = nn.dtypes.promote_dtype(h, adapter_vars['lora_A'], adapter_vars['lora_B'],
                                       dtype=module.dtype)
+    if 'lora_gate' in adapter_vars:
+      g = gates.value(adapter_vars, 'lora_gate', x, gate, h.dtype)
+      return y + (low_rank(h, a, b, 1.0) * g).astype(y.dtype)
     lora_out = low_rank(h, a, b, scale)
     if 'lora_magnitude_vector' not in adapter_vars:
       return y + lora_out
@@ -184,7 +198,8 @@ def lora(rank: int = 8, alpha: float = 8.0, target: str = targets.ALL_LINEAR,
 
   return base.weight_space(
       init, hook, leaves=('lora_A', 'lora_B', 'lora_magnitude_vector', 'lora_embedding_A',
-                          'lora_embedding_B'), merge=merge, spec=spec)
+                          'lora_embedding_B', 'lora_gate', 'lora_gate_bias'),
+      merge=None if gate else merge, spec=spec)
 
 
 def lora_plus_labels(adapter) -> dict:

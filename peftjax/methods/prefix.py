@@ -8,7 +8,8 @@ values, each ``[kv_heads, head_dim]``), or with ``projection=True`` ``embedding 
 and the MLP ``transform_0`` (Linear to ``encoder_hidden_size``), tanh, ``transform_2`` (Linear
 to ``num_layers * 2 * kv_dim``). ``fold`` runs the MLP once and gives the plain adapter (export,
 inference), as HF PEFT saves it. P-tuning v2 is prefix tuning without the projection. The model
-dimensions come from its config (``model_dims``).
+dimensions come from its config (``model_dims``). With ``gate_target`` (UniPELT) each attention
+module scales its prefix keys and values by a gate of its input (``gate.py``, ``prefix_gate``).
 
 >>> import jax, jax.numpy as jnp
 >>> from peftjax.models import llama
@@ -35,7 +36,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from peftjax.methods import base, targets
+from peftjax import tree
+from peftjax.methods import base, gate, targets
 from peftjax.methods.prompt import check_num_virtual_tokens, dense, hooked, linear
 
 ENCODER = 'prefix_encoder'
@@ -72,12 +74,14 @@ def fold(adapter) -> dict:
 
 def prefix_tuning(num_layers: int, num_kv_heads: int, head_dim: int,
                   num_virtual_tokens: int = 20, projection: bool = False,
-                  encoder_hidden_size: Optional[int] = None, name: str = 'prefix'
-                  ) -> base.PeftMethod:
+                  encoder_hidden_size: Optional[int] = None, name: str = 'prefix',
+                  gate_target: Optional[str] = None) -> base.PeftMethod:
   """Prefix tuning (``projection=True``: HF PEFT's ``prefix_projection``, an MLP with
   ``encoder_hidden_size`` hidden units, default ``kv_dim`` as HF PEFT) over a model with these
   dimensions (``model_dims(config)``). Init as torch's defaults (standard normal embedding,
-  uniform Linear)."""
+  uniform Linear). ``gate_target``: a regex of the attention modules' input projections (e.g.
+  the query); their parent modules (the attention) gate the prefix by their input's mean gate
+  (UniPELT; no KV cache)."""
   p = check_num_virtual_tokens(num_virtual_tokens)
   for k, n in (('num_layers', num_layers), ('num_kv_heads', num_kv_heads),
                ('head_dim', head_dim)):
@@ -88,13 +92,29 @@ def prefix_tuning(num_layers: int, num_kv_heads: int, head_dim: int,
   hparams = dict(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim,
                  num_virtual_tokens=p)
   if name == 'prefix':
-    hparams.update(projection=projection, encoder_hidden_size=encoder_hidden_size)
+    hparams.update(projection=projection, encoder_hidden_size=encoder_hidden_size,
+                   **({'gate_target': gate_target} if gate_target else {}))
   spec = base.Spec(name, hparams)
+
+  def gates(rng, params) -> dict:
+    """``{'<attention>/prefix_gate': ..., ...}``: one gate per parent of a ``gate_target``."""
+    found = {}
+    for path, w in targets.modules(params, gate_target).items():
+      found.setdefault(path.rpartition('/')[0], w)
+    return {f'{parent}/{k}': v for (parent, w, key) in targets.keyed(rng, found)
+            for k, v in gate.init(key, w, gate.PREFIX).items()}
 
   def init(rng, params):
     boxed = any(isinstance(x, nn.Partitioned) for x in jax.tree.leaves(
         params, is_leaf=lambda x: isinstance(x, nn.Partitioned)))
     ax2 = (None, None) if boxed else None   # plain params in, plain arrays out
+    if gate_target:
+      rng, gate_rng = jax.random.split(rng)
+      return tree.combine(init_encoder(rng, ax2),
+                          tree.unflatten(gates(gate_rng, params)))
+    return init_encoder(rng, ax2)
+
+  def init_encoder(rng, ax2):
     k_emb, k0, k2 = jax.random.split(rng, 3)
     if not projection:
       return {ENCODER: {'embedding': targets.box(
@@ -105,9 +125,19 @@ def prefix_tuning(num_layers: int, num_kv_heads: int, head_dim: int,
         'transform_0': linear(k0, kv_dim, h, ax2), 'transform_2': linear(k2, h, width, ax2)}}
 
   def apply(apply_fn):
-    return hooked(apply_fn, lambda a: {'prefix_kv': to_kv(encode(a[ENCODER]), num_layers,
-                                                          num_kv_heads, head_dim)},
-                  lambda extra: p, f'{name} tokens')
+    adapted = hooked(apply_fn, lambda a: {'prefix_kv': to_kv(encode(a[ENCODER]), num_layers,
+                                                             num_kv_heads, head_dim)},
+                     lambda extra: p, f'{name} tokens')
+    if not gate_target:
+      return adapted
+
+    def gated(adapter, params, *args, **kw):
+      if kw.get('cache') is not None:
+        raise ValueError('a gated prefix (UniPELT) does not run with a KV cache: the prefix '
+                         'enters the cache at prefill, before any gate sees the layer input')
+      with gate.gating_prefix():
+        return adapted(adapter, params, *args, **kw)
+    return gated
   return base.PeftMethod(init, apply, None, spec)
 
 
