@@ -31,8 +31,10 @@ PEFT_DEFAULTS = {
     'prefix': dict(num_virtual_tokens=20, projection=True, learning_rate=1e-2),
     'ptuning_v2': dict(num_virtual_tokens=20, learning_rate=1e-2),
     # the paper's r, prefix length and MLP width; bottleneck 24 = hidden / 16 on MiniLM
+    # (``lora``/``prefix``/``adapter`` switch its parts, ``gated=False``: no gates)
     'unipelt': dict(rank=8, num_virtual_tokens=10, encoder_hidden_size=512, bottleneck=24,
-                    gate_pool='mean', learning_rate=2e-3),
+                    gate_pool='mean', lora=True, prefix=True, adapter=True, gated=True,
+                    learning_rate=2e-3),
 }
 
 
@@ -61,9 +63,6 @@ def peft_defaults(method: str) -> dict:
   return dict(PEFT_DEFAULTS[method], target=ml_collections.FieldReference(None, field_type=str))
 
 
-def distributed_defaults() -> ml_collections.ConfigDict:
-  """``config.distributed``: single process unless set (``--config.distributed.auto=True`` on
-  SLURM / TPU pods, or coordinator address, process count and id); typed so that command-line
 def adalora_schedule(c: ml_collections.ConfigDict):
   """Ties an AdaLoRA ``c.peft`` to ``c.train.steps``: ``total_step`` = optimizer steps (steps /
   ``grad_accum_steps``), ``tinit`` 10% and ``tfinal`` 20% of it (lazy references: overriding
@@ -81,7 +80,9 @@ def adalora_schedule(c: ml_collections.ConfigDict):
   c.peft.tinit = c.peft.get_ref('total_step') // 10
   c.peft.tfinal = c.peft.get_ref('total_step') // 5
 
-
+def distributed_defaults() -> ml_collections.ConfigDict:
+  """``config.distributed``: single process unless set (``--config.distributed.auto=True`` on
+  SLURM / TPU pods, or coordinator address, process count and id); typed so that command-line
   overrides of the None defaults work."""
   ref = ml_collections.FieldReference
   return ml_collections.ConfigDict(dict(
