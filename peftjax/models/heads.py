@@ -47,12 +47,23 @@ from peftjax.models import families, layers
 
 
 def last_token_index(input_ids, attention_mask, pad_token_id, length: int):
-  """Index of the rightmost non-pad token per row (works for left and right padding)."""
-  if attention_mask is None and input_ids is not None and pad_token_id is not None:
-    attention_mask = input_ids != pad_token_id
-  if attention_mask is None:
+  """Index of the rightmost attended token whose id is not ``pad_token_id``, per row (left or
+  right padding). This is transformers' ``*ForSequenceClassification`` rule (the rightmost id
+  != pad), kept exact where the pad id also occurs in the text (SmolLM2 pads with its
+  ``<|im_end|>``: a row ending in it is scored on the token before, in HF too), and safe for
+  padding filled with another id (masked out by ``attention_mask``).
+
+  >>> ids = jnp.array([[5, 6, 2, 7, 0], [5, 2, 2, 0, 0]])
+  >>> last_token_index(ids, (ids != 0).astype(jnp.int32), 2, 5).tolist()
+  [3, 0]
+  """
+  valid = None if attention_mask is None else attention_mask != 0
+  if input_ids is not None and pad_token_id is not None:
+    not_pad = input_ids != pad_token_id
+    valid = not_pad if valid is None else valid & not_pad
+  if valid is None:
     return jnp.full((), length - 1)
-  return jnp.argmax(jnp.arange(length) * attention_mask.astype(jnp.int32), axis=-1)
+  return jnp.argmax(jnp.arange(length) * valid.astype(jnp.int32), axis=-1)
 
 
 def output_embedding(config, params):

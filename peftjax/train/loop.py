@@ -122,7 +122,7 @@ def _run(config, run_dir: rundir.RunDir) -> dict:
     print(f'resumed from step {int(state.step)} ({checkpointer.directory})')
 
   apply = method.apply(pre.module.apply)
-  loss_fn = task.loss_fn(apply, pre)
+  loss_fn = task.loss_fn(apply, pre, config)
   batch_sharding = sharding.batch_sharding(mesh)
   # Mixed precision: a bfloat16 model computes in bfloat16; adapter master weights stay float32.
   compute_dtype = None if m.dtype == 'float32' else DTYPES[m.dtype]
