@@ -4,7 +4,7 @@
   python launch.py --config=configs/sentiment.py:method=dora,runlocal --workdir=/tmp/smoke
 
 Arguments: ``method`` (full, bitfit, lora, rslora, dora, adalora, ia3, houlsby, pfeiffer,
-prompt, ptuning, prefix, ptuning_v2), ``runlocal``
+prompt, ptuning, prefix, ptuning_v2, unipelt), ``runlocal``
 (a tiny smoke run of a few steps on a data subset).
 """
 import ml_collections

@@ -6,7 +6,8 @@ The loss covers the assistant reply only (chat template of the model); rows may 
   python launch.py --config=configs/sft.py:method=ia3,runlocal --workdir=/tmp/smoke
 
 ``method``: any name of ``peftjax.config.PEFT_DEFAULTS`` (lora, ia3, ..., prompt, ptuning, prefix,
-ptuning_v2); prompt-family methods add their virtual tokens to each packed row.
+ptuning_v2, unipelt); prompt-family methods add their virtual tokens to each packed row. UniPELT
+runs with per-token gates and without its prefix here (causal, packed rows).
 """
 import ml_collections
 
@@ -35,6 +36,8 @@ def get_config(arg=None):
   c.distributed = pconfig.distributed_defaults()
   if a.method == 'adalora':
     pconfig.adalora_schedule(c)
+  if a.method == 'unipelt':   # per-token gates: a sequence mean would see later tokens (and
+    c.peft.update(gate_pool='token', prefix=False)   # other packed rows); no prefix gate then
   c.export = dict(adapter=True, merged=False)
 
   if a.runlocal:

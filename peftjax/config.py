@@ -33,8 +33,8 @@ PEFT_DEFAULTS = {
     # the paper's r, prefix length and MLP width; bottleneck 24 = hidden / 16 on MiniLM
     # (``lora``/``prefix``/``adapter`` switch its parts, ``gated=False``: no gates)
     'unipelt': dict(rank=8, num_virtual_tokens=10, encoder_hidden_size=512, bottleneck=24,
-                    gate_pool='mean', lora=True, prefix=True, adapter=True, gated=True,
-                    learning_rate=2e-3),
+                    projection=True, gate_pool='mean', lora=True, prefix=True, adapter=True,
+                    gated=True, learning_rate=2e-3),
 }
 
 
