@@ -134,7 +134,11 @@ def table(rows, metrics=None, columns=COLUMNS) -> str:
 
 
 def _label(keys, values) -> str:
-  return ', '.join(f'{_name(k)}={_value(v)}' for k, v in zip(keys, values)) or 'all'
+  """'lora', or 'bitfit, peft.target=classifier': the first key's value bare, unset keys left
+  out."""
+  parts = [_value(v) if i == 0 else f'{_name(k)}={_value(v)}'
+           for i, (k, v) in enumerate(zip(keys, values)) if v != 'null']
+  return ', '.join(parts) or 'all'
 
 
 def _numeric_key(rows, keys):
@@ -165,6 +169,8 @@ def plot(rows, path, metric: str | None = None, x: str | None = None,
     hue = [k for k in keys if k != x]
     series = {}
     for r in ok:
+      if metric not in r['metrics'] or x not in r['overrides']:
+        continue
       label = _label(hue, [json.dumps(r['overrides'].get(k), default=str) for k in hue])
       series.setdefault(label, {}).setdefault(r['overrides'][x], []).append(r['metrics'][metric])
     for label, points in series.items():
@@ -172,7 +178,7 @@ def plot(rows, path, metric: str | None = None, x: str | None = None,
       ax.errorbar(xs, [statistics.mean(points[v]) for v in xs],
                   yerr=[statistics.stdev(points[v]) if len(points[v]) > 1 else 0 for v in xs],
                   marker='o', capsize=3, label=label)
-    xs = sorted({r['overrides'][x] for r in ok})
+    xs = sorted(v for points in series.values() for v in points)
     if xs and xs[0] > 0 and xs[-1] / xs[0] >= 16:
       ax.set_xscale('log', base=2 if all(math.log2(v).is_integer() for v in xs) else 10)
     ax.set_xlabel(_name(x))
