@@ -32,7 +32,7 @@ class BertConfig(layers.MultiHeadConfig):
   hidden_act: str = 'gelu'
   hidden_dropout: float = 0.1
   attention_dropout: float = 0.1
-  attention_impl: str = 'auto'        # layers.ATTENTION_IMPLS: 'auto', 'xla', 'cudnn', 'einsum'
+  attention_impl: str = 'auto'        # layers.ATTENTION_IMPLS: auto, xla, cudnn, einsum, flash
   classifier_dropout: float = 0.1
   use_pooler: bool = True
   model_type: str = 'bert'
@@ -42,7 +42,7 @@ class BertConfig(layers.MultiHeadConfig):
   num_labels: int = 2
   initializer_range: float = 0.02
   scan_layers: bool = False
-  remat: bool = False
+  remat: bool | str = False           # layers.REMAT_POLICIES: none, dots, full
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -53,6 +53,7 @@ class BertConfig(layers.MultiHeadConfig):
 
   def __post_init__(self):
     layers.check_attention_impl(self.attention_impl)
+    layers.remat_policy(self.remat)
 
   @property
   def base_prefix(self):

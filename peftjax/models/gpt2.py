@@ -32,7 +32,7 @@ class GPT2Config(layers.MultiHeadConfig):
   resid_dropout: float = 0.1
   embd_dropout: float = 0.1
   attention_dropout: float = 0.1
-  attention_impl: str = 'auto'        # layers.ATTENTION_IMPLS: 'auto', 'xla', 'cudnn', 'einsum'
+  attention_impl: str = 'auto'        # layers.ATTENTION_IMPLS: auto, xla, cudnn, einsum, flash
   model_type: str = 'gpt2'
   pad_token_id: int | None = None
   bos_token_id: int | None = 50256
@@ -40,7 +40,7 @@ class GPT2Config(layers.MultiHeadConfig):
   num_labels: int = 2
   initializer_range: float = 0.02
   scan_layers: bool = False
-  remat: bool = False
+  remat: bool | str = False           # layers.REMAT_POLICIES: none, dots, full
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -52,6 +52,7 @@ class GPT2Config(layers.MultiHeadConfig):
 
   def __post_init__(self):
     layers.check_attention_impl(self.attention_impl)
+    layers.remat_policy(self.remat)
     if self.intermediate_size is None:
       object.__setattr__(self, 'intermediate_size', 4 * self.hidden_size)
 

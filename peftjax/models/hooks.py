@@ -120,6 +120,8 @@ def prepare(config, x, *, attention_mask=None, position_ids=None, prompt_embeds=
     prompt_embeds = prefix_kv = prefix_mask = None
   n_virtual = check_prompt_embeds(prompt_embeds, b, x.shape[-1])
   p = check_prefix(prefix_kv, prefix_mask, config, b)
+  layers.check_length(config, p + n_virtual + t,
+                      f'prefix {p} + virtual tokens {n_virtual} + tokens {t}')
   if cache is not None and cache.mask.shape[1] < p + n_virtual + t:
     raise ValueError(f'the KV cache has {cache.mask.shape[1]} slots; this call needs at least '
                      f'{p + n_virtual + t} (prefix {p} + virtual tokens {n_virtual} + tokens {t})')

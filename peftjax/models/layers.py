@@ -1,6 +1,7 @@
 """Building blocks shared by every model family: parameters with logical axes, norms, RoPE,
-masks, the KV cache and the attention core (GQA, prefix key/values, cache update, and
-``jax.nn.dot_product_attention`` with the einsum reference).
+masks, the KV cache, the attention core (GQA, prefix key/values, cache update;
+``jax.nn.dot_product_attention``, the blockwise ``flash`` attention and the einsum reference) and
+the layer stack with its remat policy.
 
 Every projection is a plain ``nn.Dense`` named as in Hugging Face, so PEFT methods can intercept
 it by module path. ``model.init`` returns ``nn.Partitioned`` boxes carrying logical axis names;
@@ -24,6 +25,7 @@ import numpy as np
 from flax import struct
 
 from peftjax import errors, quant
+from peftjax.models import flash
 
 Array = jax.Array
 
@@ -233,10 +235,14 @@ def init_cache(config, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
 class AttentionContext:
   """Per-call attention inputs shared by all layers (broadcast through ``nn.scan``).
 
-  ``mask`` [batch, q_len, kv_len]: padding, causality, window and segments; without a cache its
-  first ``prefix_len`` columns are the prefix key/values (``attend`` prepends them). ``cos``/``sin``
-  for RoPE or None, ``index`` the cache write slot, ``impl`` the attention implementation."""
-  mask: Array
+  ``spec``: the mask in compact form (`flash.MaskSpec`: padding, causality, window, segments);
+  without a cache its first ``prefix_len`` key slots are the prefix key/values (``attend``
+  prepends them). ``mask`` [batch, q_len, kv_len]: the same mask as an array, built once per
+  call for the implementations that take one (None for 'flash', which tiles ``spec``).
+  ``cos``/``sin`` for RoPE or None, ``index`` the cache write slot, ``impl`` the attention
+  implementation ('auto' already resolved to 'flash' where that applies)."""
+  spec: flash.MaskSpec
+  mask: Array | None = None
   cos: Array | None = None
   sin: Array | None = None
   index: Array | None = None
@@ -273,11 +279,10 @@ def attention_context(batch: int, length: int, *, attention_mask=None, prefix_ma
   Returns ``(ctx, cache)`` where ``cache`` has ``mask``/``index``/``pos`` advanced (or None)."""
   valid = (jnp.ones((batch, length), bool) if attention_mask is None
            else attention_mask != 0)
-  index = None
+  index = q_seg = k_seg = None
   if cache is not None:
     index = cache.index
     kv_valid = jax.lax.dynamic_update_slice_in_dim(cache.mask, valid, index, axis=1)
-    k_slots = jnp.arange(cache.mask.shape[1])
     q_slots = index + jnp.arange(length)
     cache = cache.replace(mask=kv_valid, index=index + length,
                           pos=cache.pos + valid.sum(axis=1, dtype=jnp.int32), started=True)
@@ -285,30 +290,38 @@ def attention_context(batch: int, length: int, *, attention_mask=None, prefix_ma
     pvalid = (jnp.ones((batch, prefix_len), bool) if prefix_mask is None
               else prefix_mask.astype(bool))
     kv_valid = jnp.concatenate([pvalid, valid], axis=1)
-    k_slots = jnp.arange(prefix_len + length)
     q_slots = prefix_len + jnp.arange(length)
-  allowed = jnp.ones((length, k_slots.shape[0]), bool)
-  if causal:
-    allowed = k_slots[None, :] <= q_slots[:, None]
-  if window:
-    allowed = allowed & (k_slots[None, :] > q_slots[:, None] - window)
-  mask = kv_valid[:, None, :] & allowed[None]
-  if attention_mask is not None and cache is None:
-    # Packed rows carry segment ids (1..k, 0 = pad): tokens attend within their own segment.
-    # For 0/1 masks this changes nothing at valid positions.
-    seg = attention_mask.astype(jnp.int32)
-    same = seg[:, :, None] == seg[:, None, :]
-    same = same | (jnp.arange(length) < num_virtual)[None, None, :]
-    mask = mask & jnp.concatenate(
-        [jnp.ones((batch, length, prefix_len), bool), same], axis=-1)
-  ctx = AttentionContext(mask=mask, cos=cos, sin=sin, index=index,
-                         deterministic=deterministic, impl=impl)
+    if attention_mask is not None:
+      # Packed rows carry segment ids (1..k, 0 = pad): tokens attend within their own segment;
+      # the prefix and the virtual tokens (segment -1) are visible to every segment. For 0/1
+      # masks this changes nothing at valid positions.
+      q_seg = attention_mask.astype(jnp.int32)
+      k_seg = jnp.concatenate([jnp.full((batch, prefix_len), -1, jnp.int32),
+                               jnp.where(jnp.arange(length) < num_virtual, -1, q_seg)], axis=1)
+  spec = flash.MaskSpec(q_slots, kv_valid, q_seg, k_seg, causal=causal, window=window)
+  impl = resolve_impl(impl, length)
+  ctx = AttentionContext(spec=spec, mask=None if impl == 'flash' else spec.dense(), cos=cos,
+                         sin=sin, index=index, deterministic=deterministic, impl=impl)
   return ctx, cache
 
 
 # ----------------------------------------------------------------------------- attention
 
-ATTENTION_IMPLS = ('auto', 'xla', 'cudnn', 'einsum')
+ATTENTION_IMPLS = ('auto', 'xla', 'cudnn', 'einsum', 'flash')
+
+
+# 'auto' on CPU takes the blockwise attention from this many query tokens on: its memory is
+# linear in the length (docs/benchmarks.md, "Sequence length").
+FLASH_AUTO_MIN_LENGTH = 1024
+
+
+def resolve_impl(impl: str, q_len: int) -> str:
+  """``impl`` with 'auto' resolved to 'flash' on CPU for ``q_len >= FLASH_AUTO_MIN_LENGTH``
+  (training and long prefills; decode steps keep the one-shot path); otherwise unchanged
+  ('auto' then picks cuDNN or XLA per call in ``dot_product_attention``)."""
+  if impl == 'auto' and jax.default_backend() == 'cpu' and q_len >= FLASH_AUTO_MIN_LENGTH:
+    return 'flash'
+  return impl
 
 
 def check_attention_impl(impl: str) -> None:
@@ -374,6 +387,9 @@ def attend(q, k, v, ctx: AttentionContext, layer_cache=None, layer_prefix=None, 
   """Writes k/v into ``layer_cache`` at ``ctx.index``, prepends ``layer_prefix`` keys/values
   (no cache: ``ctx.mask`` has their columns first), and attends.
 
+  ``ctx.impl == 'flash'`` runs `flash.flash_attention` on ``ctx.spec``, except with active
+  attention dropout (the einsum reference on the dense mask).
+
   Returns ``(out [b, t, heads, d], new layer_cache or None)``."""
   if layer_cache is not None:
     ck, cv = layer_cache
@@ -384,20 +400,65 @@ def attend(q, k, v, ctx: AttentionContext, layer_cache=None, layer_prefix=None, 
     pk, pv = layer_prefix
     k = jnp.concatenate([pk.astype(k.dtype), k], axis=1)
     v = jnp.concatenate([pv.astype(v.dtype), v], axis=1)
-  out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), ctx.mask, impl=ctx.impl,
-                              dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+  k, v = k.astype(q.dtype), v.astype(q.dtype)
+  dropout = dropout_rng is not None and dropout_rate > 0
+  if ctx.impl == 'flash' and not dropout:
+    return flash.flash_attention(q, k, v, ctx.spec), layer_cache
+  mask = ctx.spec.dense() if ctx.mask is None else ctx.mask
+  out = dot_product_attention(q, k, v, mask, impl=ctx.impl, dropout_rate=dropout_rate,
+                              dropout_rng=dropout_rng)
   return out, layer_cache
+
+
+def check_length(config, length: int, parts: str) -> None:
+  """A call's ``length`` positions (``parts`` says what they are) must fit the model's
+  ``max_position_embeddings`` (RoBERTa reserves its first ``pad_token_id + 1``)."""
+  limit = config.max_position_embeddings
+  if config.model_type == 'roberta':
+    limit -= config.pad_token_id + 1
+  if length > limit:
+    raise ValueError(f'sequence length {length} ({parts}) exceeds the {limit} positions of '
+                     f'this {config.model_type} model (max_position_embeddings)')
 
 
 # ----------------------------------------------------------------------------- layer stacks
 
+# ``config.remat``: what each layer keeps for the backward pass. 'none' keeps everything;
+# 'dots' keeps the outputs of the matmuls without batch dimensions (the projections, not the
+# attention scores) and recomputes the rest; 'full' keeps only the layer's input and recomputes
+# the whole layer. True and False mean 'full' and 'none'.
+REMAT_POLICIES = {
+    'none': None,
+    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    'full': jax.checkpoint_policies.nothing_saveable,
+}
+
+
+def remat_policy(remat: bool | str) -> str:
+  """The ``REMAT_POLICIES`` name of a ``config.remat`` value; unknown names list the valid ones.
+
+  >>> remat_policy(True), remat_policy('dots')
+  ('full', 'dots')
+  """
+  if isinstance(remat, bool):
+    return 'full' if remat else 'none'
+  if remat not in REMAT_POLICIES:
+    raise errors.UnsupportedModelError(
+        f'remat policy {remat!r} is not supported; valid: {", ".join(REMAT_POLICIES)} '
+        '(or True / False for full / none)')
+  return remat
+
+
 def stack_layers(block_cls, config):
   """The per-layer modules, to assign in ``setup`` (``self.layers = stack_layers(...)``): a list,
-  which Flax names ``layers_0, layers_1, ...``, or one ``nn.scan``ned module named ``layers``.
+  which Flax names ``layers_0, layers_1, ...``, or one ``nn.scan``ned module named ``layers``,
+  each layer rematerialised as ``config.remat`` says (``REMAT_POLICIES``).
 
   Each block is called as ``block(x, layer_cache, layer_prefix, ctx) -> (x, layer_cache)``."""
-  if config.remat:
-    block_cls = nn.remat(block_cls, prevent_cse=not config.scan_layers)
+  policy = remat_policy(config.remat)
+  if policy != 'none':
+    block_cls = nn.remat(block_cls, prevent_cse=not config.scan_layers,
+                         policy=REMAT_POLICIES[policy])
   if not config.scan_layers:
     return [block_cls(config) for _ in range(config.num_layers)]
   scanned = nn.scan(

@@ -59,7 +59,7 @@ class LlamaConfig:
   qkv_bias: bool = False         # qwen2: bias on q, k, v only
   mlp_bias: bool = False
   attention_dropout: float = 0.0
-  attention_impl: str = 'auto'        # layers.ATTENTION_IMPLS: 'auto', 'xla', 'cudnn', 'einsum'
+  attention_impl: str = 'auto'        # layers.ATTENTION_IMPLS: auto, xla, cudnn, einsum, flash
   sliding_window: int | None = None   # mistral
   tie_word_embeddings: bool = False
   model_type: str = 'llama'
@@ -69,12 +69,13 @@ class LlamaConfig:
   num_labels: int = 2
   initializer_range: float = 0.02
   scan_layers: bool = False
-  remat: bool = False
+  remat: bool | str = False           # layers.REMAT_POLICIES: none, dots, full
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   def __post_init__(self):
     layers.check_attention_impl(self.attention_impl)
+    layers.remat_policy(self.remat)
     if self.rope_type not in ROPE_TYPES:
       raise errors.UnsupportedModelError(
           f'rope_type {self.rope_type!r} is not supported; supported: {", ".join(ROPE_TYPES)}')

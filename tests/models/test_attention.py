@@ -117,10 +117,10 @@ def test_cache_decoding_agrees_across_impls(flax_model, zoo):
 
 def test_unknown_attention_impl_is_refused():
   with pytest.raises(errors.UnsupportedModelError,
-                     match="attention_impl 'flash' is not supported; supported: auto, xla, "
-                           "cudnn, einsum"):
+                     match="attention_impl 'sdpa' is not supported; supported: auto, xla, "
+                           "cudnn, einsum, flash"):
     llama.LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1,
-                      num_heads=2, attention_impl='flash')
+                      num_heads=2, attention_impl='sdpa')
 
 
 def test_cudnn_is_chosen_only_for_shapes_it_accepts(monkeypatch):
