@@ -105,6 +105,8 @@ def _run(config, run_dir: rundir.RunDir) -> dict:
   base_axes, base_shardings = sharding.model_shardings(pre.module, mesh, rules)
   params = pre.params
   pre = dataclasses.replace(pre, params=None)   # one reference to the base params
+  if task.prepare is not None:   # e.g. DPO's reference log-probs, computed once and cached
+    train_ds, eval_ds = task.prepare(config, pre, params, (train_ds, eval_ds), mesh)
   optimizer = optim.make_optimizer(
       {**config.optim.to_dict(), 'total_steps': config.train.steps,
        'num_layers': pre.config.num_layers,
@@ -179,7 +181,8 @@ def _run(config, run_dir: rundir.RunDir) -> dict:
         rate = (step - last_step) * tokens_per_step / (now - last_time)
         last_time, last_step = now, step
         bar.set_postfix(loss=f'{float(metrics["loss"]):.4f}', tok_s=f'{rate:.0f}')
-        writer.write(step, 'train', {'loss': metrics['loss'], 'grad_norm': metrics['grad_norm'],
+        writer.write(step, 'train', {**(task.summarize(metrics) if task.log_train else {}),
+                                     'loss': metrics['loss'], 'grad_norm': metrics['grad_norm'],
                                      **{k: metrics[k] for k in ('regularizer',) if k in metrics},
                                      'tokens_per_s': rate})
       if step % config.train.eval_every == 0 and step != config.train.steps:
