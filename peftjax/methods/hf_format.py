@@ -53,13 +53,13 @@ import safetensors.numpy
 from flax import traverse_util
 from flax.core import meta
 
-from peftjax import errors, tree
+from peftjax import errors, quant, tree
 from peftjax.methods import base
 from peftjax.methods.adalora import adalora
 from peftjax.methods.ia3 import ia3
 from peftjax.methods.lora import lora, pattern_value
 from peftjax.methods.saved import INPUT_EMBEDDING, modules_to_save, saved_leaf
-from peftjax.models import auto, convert, heads
+from peftjax.models import auto, convert, families, heads
 
 CONFIG_FILE = 'adapter_config.json'
 WEIGHTS_FILE = 'adapter_model.safetensors'
@@ -192,12 +192,46 @@ def _bias_option(replaced: dict, adapted: set, params: dict, is_ia3: bool) -> tu
 
 def base_fingerprint(config, params=None) -> dict:
   """What ``BASE_FILE`` records of a base: model type, layer count and (given ``params``) a
-  SHA-256 of its param paths and shapes."""
+  SHA-256 of its param paths and shapes, one of its backbone's Hugging Face tensor names and
+  shapes (``backbone_sha256``: the same scanned or not, quantised or not; heads left out), and
+  how a quantised base was quantised (``quantization``)."""
   out = {'model_type': config.model_type, 'num_layers': config.num_layers}
   if params is not None:
-    shapes = sorted((p, list(np.shape(x))) for p, x in tree.flatten(meta.unbox(params)).items())
+    flat = tree.flatten(meta.unbox(params))
+    shapes = sorted((p, list(np.shape(x))) for p, x in flat.items())
     out['param_shapes_sha256'] = hashlib.sha256(json.dumps(shapes).encode()).hexdigest()
+    out['backbone_sha256'] = hashlib.sha256(json.dumps(_hf_shapes(config, flat)).encode()
+                                            ).hexdigest()
+    kinds = {(x.qtype, x.block_size, x.double_quant) for x in flat.values()
+             if quant.is_quantized(x)}
+    if kinds:
+      out['quantization'] = [dict(qtype=q, block_size=b, double_quant=d) for q, b, d in
+                             sorted(kinds)]
   return out
+
+
+def _hf_shapes(config, flat) -> list:
+  """Sorted (HF tensor name, shape) of the backbone params in ``flat`` (per layer, a quantised
+  kernel with its logical shape)."""
+  heads = set(families.head_modules(config))
+  out = []
+  for p, x in flat.items():
+    path = tuple(p.split('/'))
+    if path[0] in heads:
+      continue
+    shape = list(np.shape(x))
+    scanned = convert.is_scanned(config, path)
+    for layer in range(shape[0]) if scanned else [None]:
+      name, transpose = convert.hf_name(config, path, layer)
+      s = shape[1:] if scanned else shape
+      out.append((name, s[::-1] if transpose else s))
+  return sorted(out)
+
+
+def _describe(fingerprint: dict) -> str:
+  q = ', '.join(f'{k["qtype"]}-quantised' for k in fingerprint.get('quantization', []))
+  return (f'{fingerprint["num_layers"]}-layer {fingerprint["model_type"]} with backbone shapes '
+          f'{fingerprint["backbone_sha256"][:12]}' + (f', {q}' if q else ''))
 
 
 def save_adapter(directory, method: base.PeftMethod, adapter, base_config, *,
@@ -421,6 +455,11 @@ def load_adapter(directory, params, config, rng=None) -> tuple[base.PeftMethod, 
       raise errors.CheckpointError(
           f'{directory}: the adapter was saved for a {saved_for["num_layers"]}-layer '
           f'{saved_for["model_type"]}; this base is a {config.num_layers}-layer {config.model_type}')
+    here = base_fingerprint(config, params)
+    if saved_for.get('backbone_sha256', here['backbone_sha256']) != here['backbone_sha256']:
+      raise errors.CheckpointError(
+          f'{directory}: the adapter was trained on another base ({_describe(saved_for)}) than '
+          f'this one ({_describe(here)}); load it onto the base it was trained from')
   file = directory / WEIGHTS_FILE
   if not file.is_file():
     raise errors.CheckpointError(f'{directory}: no {WEIGHTS_FILE}')
@@ -535,7 +574,10 @@ def load_adapter(directory, params, config, rng=None) -> tuple[base.PeftMethod, 
 def save_merged(directory, method: base.PeftMethod, adapter, params, config, tokenizer=None,
                 task: str | None = None) -> pathlib.Path:
   """Merges ``adapter`` into ``params`` and writes a plain transformers checkpoint (e.g.
-  ``save_merged(directory, method, adapter, pre.params, pre.config, pre.tokenizer)``)."""
+  ``save_merged(directory, method, adapter, pre.params, pre.config, pre.tokenizer)``).
+  A quantised base is dequantised first (float32): the checkpoint holds float weights, never
+  re-quantised ones."""
   if method.merge is None:
     raise ValueError('this method cannot be merged into the base weights')
+  params = quant.dequantize_params(params)
   return auto.save_pretrained(directory, config, method.merge(adapter, params), tokenizer, task)

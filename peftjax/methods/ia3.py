@@ -14,7 +14,7 @@ from typing import Optional
 
 import jax.numpy as jnp
 
-from peftjax import tree
+from peftjax import quant, tree
 from peftjax.methods import base, targets
 
 
@@ -55,7 +55,7 @@ def ia3(target: str, feedforward: Optional[str] = None) -> base.PeftMethod:
     for module, av in base.by_module(adapter).items():
       if 'ia3_l' in av:
         scale = av['ia3_l']
-        kernel = flat[f'{module}/kernel']
+        kernel = quant.require_float(flat[f'{module}/kernel'], f'{module}/kernel')
         flat[f'{module}/kernel'] = (kernel * jnp.swapaxes(scale, -1, -2)).astype(kernel.dtype)
         if not _is_feedforward(scale) and f'{module}/bias' in flat:
           bias = flat[f'{module}/bias']

@@ -26,7 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from peftjax import tree
+from peftjax import quant, tree
 from peftjax.methods import base, gate as gates, targets
 
 
@@ -141,7 +141,7 @@ def lora(rank: int = 8, alpha: float = 8.0, target: str = targets.ALL_LINEAR,
       adapter[f'{path}/lora_B'] = targets.box(jnp.zeros((*w.stack, r, d_out), jnp.float32),
                                               w.axes(None, 'out'))
       if dora:
-        adapter[f'{path}/lora_magnitude_vector'] = targets.box(_column_norm(w.value),
+        adapter[f'{path}/lora_magnitude_vector'] = targets.box(_column_norm(quant.value(w.value)),
                                                                w.axes('out'))
     return tree.unflatten(adapter)
 
@@ -165,7 +165,7 @@ def lora(rank: int = 8, alpha: float = 8.0, target: str = targets.ALL_LINEAR,
     lora_out = low_rank(h, a, b, scale)
     if 'lora_magnitude_vector' not in adapter_vars:
       return y + lora_out
-    w = nn.meta.unbox(module.get_variable('params', 'kernel'))
+    w = quant.value(module.get_variable('params', 'kernel'))   # dequantised: a 4-bit base
     norm = jax.lax.stop_gradient(_column_norm(w + _delta(adapter_vars, scale)))
     mag = (adapter_vars['lora_magnitude_vector'] / norm).astype(y.dtype)
     if dropped:  # rescale the dropped input's base output, as HF PEFT (an extra matmul)
@@ -185,7 +185,7 @@ def lora(rank: int = 8, alpha: float = 8.0, target: str = targets.ALL_LINEAR,
       elif 'lora_embedding_A' not in av:
         continue
       a, b, leaf = factors
-      w = flat[f'{module}/{leaf}']
+      w = quant.require_float(flat[f'{module}/{leaf}'], f'{module}/{leaf}')
       if w.shape != (*av[a].shape[:-1], av[b].shape[-1]):
         raise ValueError(f'{module}: LoRA factors {av[a].shape} x {av[b].shape} do not fit '
                          f'{leaf} {w.shape}')
