@@ -4,10 +4,13 @@ The loss covers the assistant reply only (chat template of the model); rows may 
 
   python launch.py --config=configs/sft.py:method=lora --workdir=/tmp/sft
   python launch.py --config=configs/sft.py:method=ia3,runlocal --workdir=/tmp/smoke
+  python launch.py --config=configs/sft.py:method=lora,qlora --workdir=/tmp/qlora
 
 ``method``: any name of ``peftjax.config.PEFT_DEFAULTS`` (lora, ia3, ..., prompt, ptuning, prefix,
 ptuning_v2, unipelt); prompt-family methods add their virtual tokens to each packed row. UniPELT
-runs with per-token gates and without its prefix here (causal, packed rows).
+runs with per-token gates and without its prefix here (causal, packed rows). ``qlora``: QLoRA, an
+NF4 base with double quantisation (``--config.model.quantize=nf4|fp4|int4|int8`` for any
+method), LoRA-family methods on all linear layers of the blocks, as the paper.
 """
 import ml_collections
 
@@ -15,12 +18,14 @@ from peftjax import config as pconfig
 
 
 def get_config(arg=None):
-  a = ml_collections.ConfigDict(pconfig.parse_arg(arg, method='lora', runlocal=False))
+  a = ml_collections.ConfigDict(pconfig.parse_arg(arg, method='lora', runlocal=False,
+                                                   qlora=False))
   c = ml_collections.ConfigDict()
   c.task = 'sft'
   c.seed = 0
 
-  c.model = dict(source='smollm2-135m-instruct', dtype='float32', scan_layers=True, remat=False)
+  c.model = dict(source='smollm2-135m-instruct', dtype='float32', scan_layers=True, remat=False,
+                 **pconfig.quantize_defaults('nf4' if a.qlora else None))
   c.data = dict(source='chatterbot-english', deduplicate=True, validation_fraction=0.05,
                 system='', max_length=128, overflow='skip', packing=True,
                 batch_size=8, eval_batch_size=16, max_train_examples=0, max_eval_examples=0)
@@ -28,6 +33,8 @@ def get_config(arg=None):
   peft = pconfig.peft_defaults(a.method)
   lr = peft.pop('learning_rate')
   c.peft = dict(method=a.method, trainable_heads=False, **peft)
+  if a.qlora and a.method in ('lora', 'rslora', 'dora'):
+    c.peft.target = 'all-linear'
   c.optim = dict(name='adamw', learning_rate=lr, schedule='cosine', warmup_steps=20,
                  weight_decay=0.0, clip_norm=1.0, grad_accum_steps=1, layer_decay=0.0,
                  unfreeze_every=0, lora_plus_ratio=0.0)

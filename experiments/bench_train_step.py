@@ -57,7 +57,8 @@ def parse_args():
   p.add_argument('--batch', type=int, default=4)
   p.add_argument('--seq', type=int, default=128)
   p.add_argument('--configs', default='qv,all', help=f'comma list of {sorted(CONFIGS)}')
-  p.add_argument('--frameworks', default='jax,torch', help='comma list of jax, torch')
+  p.add_argument('--frameworks', default='jax,qlora,torch',
+                 help='comma list of jax, qlora (jax on an NF4 base, double quantisation), torch')
   p.add_argument('--data', choices=['random', 'chatterbot'], default='random',
                  help='uniform random token ids, or the chatterbot corpus tokenised and cut')
   p.add_argument('--device-model', choices=sorted(DEVICE_MODELS),
@@ -70,7 +71,7 @@ def parse_args():
                  help='torch.set_num_threads (XLA uses every core)')
   p.add_argument('--json', help='also write the results here')
   p.add_argument('--profile', help='JAX: write a jax.profiler trace of 2 more steps to this directory')
-  p.add_argument('--worker', choices=['jax', 'torch', 'peak'], help=argparse.SUPPRESS)
+  p.add_argument('--worker', choices=['jax', 'qlora', 'torch', 'peak'], help=argparse.SUPPRESS)
   p.add_argument('--config', help=argparse.SUPPRESS)
   p.add_argument('--batch-file', help=argparse.SUPPRESS)
   return p.parse_args()
@@ -168,7 +169,7 @@ def time_steps(run_step, warmup: int, steps: int) -> tuple[list[float], float]:
 def jax_worker(args, ids: np.ndarray) -> dict:
   import jax
   import jax.numpy as jnp
-  from peftjax import methods, sharding
+  from peftjax import methods, quant, sharding
   from peftjax.methods import targets
   from peftjax.models import auto, heads, registry
   from peftjax.objectives import lm
@@ -186,11 +187,13 @@ def jax_worker(args, ids: np.ndarray) -> dict:
                                                      jnp.ones((1, 2), jnp.int32))
     params, base_sh, base_axes = variables['params'], base_sh['params'], axes['params']
   else:
-    pre = auto.load_pretrained(SMOLLM, dtype=dtype, **overrides)
+    pre = auto.load_pretrained(SMOLLM, dtype=dtype,
+                               quantize='nf4' if args.worker == 'qlora' else None, **overrides)
     module, config = pre.module, pre.config
     boxed = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.ones((1, 2), jnp.int32)))
     base_axes = sharding.logical_axes(boxed['params'])
     base_sh = sharding.param_shardings(boxed['params'], mesh, rules)
+    base_sh = quant.shardings(pre.params, base_sh)   # the arrays of quantised kernels
     params = jax.device_put(pre.params, base_sh)
   jax.block_until_ready(params)
   load_s = time.perf_counter() - t0
@@ -236,7 +239,7 @@ def jax_worker(args, ids: np.ndarray) -> dict:
     with jax.profiler.trace(args.profile, create_perfetto_trace=True):
       run_step(), run_step()
   out = dict(load_s=load_s, compile_s=compile_s, step_times=times, first_loss=first_loss,
-             xla_flops=float(cost['flops']), backend=jax.default_backend(),
+             base_mib=quant.nbytes(params) / 2**20, xla_flops=float(cost['flops']), backend=jax.default_backend(),
              xla_loops=args.scan_layers or ids.size > args.loss_chunk,
              trainable=int(sum(x.size for x in jax.tree.leaves(state.adapter))),
              **memory_report(rss_after_load))
@@ -332,6 +335,11 @@ def summarize(rows: list[dict], peak: float) -> list[dict]:
       r['xla_frac_peak'] = r['xla_flops_per_s'] / peak
     if r['config'] in torch_time:
       r['time_vs_torch'] = r['s_per_step'] / torch_time[r['config']]
+  lora = {r['config']: r for r in rows if r['framework'] == 'jax'}
+  for r in rows:
+    if r['framework'] == 'qlora' and r['config'] in lora:   # the same step on an NF4 base
+      r['time_vs_lora'] = r['s_per_step'] / lora[r['config']]['s_per_step']
+      r['base_smaller'] = lora[r['config']]['base_mib'] / r['base_mib']
   return rows
 
 
@@ -355,6 +363,15 @@ def format_table(rows: list[dict]) -> str:
         f"{r['compile_s']:.1f} | {r['s_per_step']:.3f} | {r['tokens_per_s']:.0f} | {mem} | "
         f"{ratio} | {r['first_loss']:.4f} | {xla[0]} | {xla[1]} | "
         f"{r['model_flops_per_s'] / 1e9:.1f} ({100 * r['model_frac_peak']:.0f}%) |")
+  qlora = [r for r in rows if 'time_vs_lora' in r]
+  if qlora:
+    lines += ['', '| config | base MiB LoRA / QLoRA (NF4+DQ) | base smaller | QLoRA s/step vs LoRA |'
+              ' peak RSS MiB LoRA / QLoRA |', '|---|---|---|---|---|']
+    for r in qlora:
+      l = next(x for x in rows if x['framework'] == 'jax' and x['config'] == r['config'])
+      lines.append(f"| {r['config']} | {l['base_mib']:.0f} / {r['base_mib']:.0f} | "
+                   f"{r['base_smaller']:.2f}x | {r['time_vs_lora']:.2f} | "
+                   f"{l['process_peak_rss_mib']:.0f} / {r['process_peak_rss_mib']:.0f} |")
   if any(r.get('xla_loops') for r in rows):
     lines.append('\n\\* XLA counts a loop body once (scanned layers, several loss chunks): a lower bound.')
   return '\n'.join(lines)
@@ -367,7 +384,7 @@ def main():
       result = peak_worker(args)
     else:
       ids = np.load(args.batch_file)
-      result = (jax_worker if args.worker == 'jax' else torch_worker)(args, ids)
+      result = (jax_worker if args.worker in ('jax', 'qlora') else torch_worker)(args, ids)
     print(RESULT + json.dumps({**result, 'loadavg': os.getloadavg()}), flush=True)
     return
   configs, frameworks = args.configs.split(','), args.frameworks.split(',')

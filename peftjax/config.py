@@ -80,6 +80,19 @@ def adalora_schedule(c: ml_collections.ConfigDict):
   c.peft.tinit = c.peft.get_ref('total_step') // 10
   c.peft.tfinal = c.peft.get_ref('total_step') // 5
 
+def quantize_defaults(quantize: str | None = None) -> dict:
+  """``config.model`` fields of the frozen base's quantisation (QLoRA): ``quantize`` (None: a
+  float base; 'nf4', 'fp4', 'int4', 'int8'), ``double_quant``, ``block_size`` and
+  ``compute_dtype`` (None: ``model.dtype``); typed so that ``--config.model.quantize=nf4`` works.
+
+  >>> quantize_defaults()['quantize'].get() is None
+  True
+  """
+  ref = ml_collections.FieldReference
+  return dict(quantize=ref(quantize, field_type=str), double_quant=True, block_size=64,
+              compute_dtype=ref(None, field_type=str))
+
+
 def distributed_defaults() -> ml_collections.ConfigDict:
   """``config.distributed``: single process unless set (``--config.distributed.auto=True`` on
   SLURM / TPU pods, or coordinator address, process count and id); typed so that command-line

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import tqdm
 
-from peftjax import data, methods, sharding, tree
+from peftjax import data, methods, quant, sharding, tree
 from peftjax.models import auto, families
 from peftjax.train import optim, rundir, step as step_lib, tasks
 from peftjax.train import state as state_lib
@@ -46,6 +46,18 @@ def build_method(peft_config, pretrained) -> methods.PeftMethod:
              and p not in trained]   # BitFit already has head biases
     method = methods.compose(method, methods.modules_to_save(heads))
   return method
+
+
+def quantize_config(model_config) -> quant.QuantConfig | None:
+  """The frozen base's quantisation (QLoRA) from ``config.model``: ``quantize`` ('nf4', 'fp4',
+  'int4', 'int8'; None or '' for a float base), ``block_size``, ``double_quant`` and
+  ``compute_dtype`` (None: ``model.dtype``)."""
+  m = model_config
+  if not m.get('quantize'):
+    return None
+  compute = m.get('compute_dtype')
+  return quant.QuantConfig(quant.check_type(m.quantize), m.get('block_size', 64),
+                           m.get('double_quant', True), DTYPES[compute] if compute else None)
 
 
 def validate(config):
@@ -91,7 +103,8 @@ def _run(config, run_dir: rundir.RunDir) -> dict:
   # Every tensor is read straight into its shards; no whole tensor is placed on one device.
   pre = auto.load_pretrained(m.source, task=task.model_task, dtype=DTYPES[m.dtype],
                              shardings=lambda module: sharding.model_shardings(
-                                 module, mesh, rules)[1], **overrides)
+                                 module, mesh, rules)[1], quantize=quantize_config(m),
+                             **overrides)
   _check_positions(config, pre)
   train_ds, eval_ds = task.datasets(config, pre.tokenizer)
   seq_len = task.seq_len(config)
@@ -104,6 +117,7 @@ def _run(config, run_dir: rundir.RunDir) -> dict:
                        f"mesh's data x fsdp = {shards} batch shards ({dict(mesh.shape)})")
   base_axes, base_shardings = sharding.model_shardings(pre.module, mesh, rules)
   params = pre.params
+  base_shardings = quant.shardings(params, base_shardings)   # a quantised base's arrays
   pre = dataclasses.replace(pre, params=None)   # one reference to the base params
   if task.prepare is not None:   # e.g. DPO's reference log-probs, computed once and cached
     train_ds, eval_ds = task.prepare(config, pre, params, (train_ds, eval_ds), mesh)

@@ -37,7 +37,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 import safetensors.numpy
 
-from peftjax import tree
+from peftjax import quant, tree
 from peftjax.methods import hf_format, hf_prompt
 from peftjax.models import auto
 from peftjax.train import checkpoint as ckpt_lib
@@ -168,7 +168,7 @@ class RunDir:
     adapter = to_host(adapter)
     merged = config.export.merged and method.merge is not None
     base_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-    params = to_host(params) if merged else None
+    params = quant.dequantize_params(to_host(params)) if merged else None   # never re-quantised
     if not self.primary:
       return
     if config.export.adapter and config.peft.method in hf_format.EXPORTABLE:
