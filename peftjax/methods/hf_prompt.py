@@ -10,6 +10,8 @@ adapter (``prompt.fold``, ``prefix.fold``) with ``inference_mode: true``, and ``
 gives the plain method: ``prompt`` for ``PROMPT_TUNING`` and ``P_TUNING``, ``prefix`` for
 ``PREFIX_TUNING``. Trained heads (``modules_to_save``, e.g. a classifier) are saved as
 ``base_model.<HF name>`` (HF PEFT's key for prompt learning) and load as ``modules_to_save``.
+Prompt tuning's init is ``prompt_tuning_init`` both ways (``TEXT`` with its text and tokenizer
+when the spec has both; HF PEFT's TEXT cannot hold bare token ids, written as ``RANDOM``).
 
 >>> import jax, jax.numpy as jnp, tempfile
 >>> from peftjax.methods import prefix
@@ -49,7 +51,7 @@ SAVED_PREFIX = 'base_model.'   # HF PEFT's key prefix of a prompt-learning model
 PEFT_TYPES = {'prompt': 'PROMPT_TUNING', 'ptuning': 'P_TUNING', 'prefix': 'PREFIX_TUNING',
               'ptuning_v2': 'PREFIX_TUNING'}
 METHODS = tuple(PEFT_TYPES)
-_INITS = {'random': 'RANDOM', 'sample_vocab': 'SAMPLE_VOCAB', 'text': 'RANDOM'}
+_INITS = {'random': 'RANDOM', 'sample_vocab': 'SAMPLE_VOCAB', 'text': 'TEXT'}
 
 
 def _specs(spec: base.Spec | None) -> list[base.Spec]:
@@ -110,16 +112,38 @@ def save_adapter(directory, method: base.PeftMethod, adapter, base_config, *,
   else:
     hf.update(token_dim=config.hidden_size, num_attention_heads=config.num_heads)
   if core.name == 'prompt':
-    hf.update(prompt_tuning_init=_INITS[h['init']], prompt_tuning_init_text=None,
-              tokenizer_name_or_path=None)
+    text, tokenizer = h.get('init_text'), h.get('tokenizer_name_or_path')
+    # HF PEFT's TEXT needs both (token ids alone are no text): without them, RANDOM
+    init = 'RANDOM' if h['init'] == 'text' and not (text and tokenizer) else _INITS[h['init']]
+    hf.update(prompt_tuning_init=init, prompt_tuning_init_text=text if init == 'TEXT' else None,
+              tokenizer_name_or_path=tokenizer if init == 'TEXT' else None)
   elif core.name == 'ptuning':
     hf.update(encoder_reparameterization_type=h['encoder'].upper(),
               encoder_hidden_size=h['encoder_hidden_size'] or config.hidden_size,
-              encoder_num_layers=h['encoder_num_layers'], encoder_dropout=0.0)
+              encoder_num_layers=h['encoder_num_layers'],
+              encoder_dropout=h.get('encoder_dropout', 0.0))
   directory.mkdir(parents=True, exist_ok=True)
   (directory / CONFIG_FILE).write_text(json.dumps(hf, indent=2))
   safetensors.numpy.save_file(tensors, str(directory / WEIGHTS_FILE))
   return directory
+
+
+def _prompt_init(hf: dict, directory) -> dict:
+  """``prompt_tuning`` kwargs for the init an HF PEFT ``PROMPT_TUNING`` config records (the
+  spec says how the loaded prompt began; P-tuning's is random)."""
+  init = hf.get('prompt_tuning_init', 'RANDOM') if hf['peft_type'] == 'PROMPT_TUNING' else 'RANDOM'
+  inits = {k: i for i, k in _INITS.items()}
+  if init not in inits:
+    raise ValueError(f'{directory / CONFIG_FILE}: prompt_tuning_init {init!r} is not one of '
+                     f'{sorted(inits)}')
+  if init != 'TEXT':
+    return dict(init=inits[init])
+  text, tokenizer = hf.get('prompt_tuning_init_text'), hf.get('tokenizer_name_or_path')
+  if not (text and tokenizer):
+    raise ValueError(f"{directory / CONFIG_FILE}: prompt_tuning_init 'TEXT' needs "
+                     f'prompt_tuning_init_text and tokenizer_name_or_path (got {text!r}, '
+                     f'{tokenizer!r})')
+  return dict(init='text', init_text=text, tokenizer_name_or_path=tokenizer)
 
 
 def load_adapter(directory, params, config, task: str = 'causal_lm'
@@ -159,7 +183,7 @@ def load_adapter(directory, params, config, task: str = 'causal_lm'
       raise ValueError(f'{where}; the base model needs {(v, config.hidden_size)} '
                        f'(num_virtual_tokens, token dimension = hidden size '
                        f'{config.hidden_size})')
-    core = prompt.prompt_tuning(num_virtual_tokens=v)
+    core = prompt.prompt_tuning(num_virtual_tokens=v, **_prompt_init(hf, directory))
     adapter = {prompt.ENCODER: {'embedding': e}}
   if not tensors:
     return core, adapter

@@ -125,8 +125,8 @@ def prefix_tuning(num_layers: int, num_kv_heads: int, head_dim: int,
         'transform_0': linear(k0, kv_dim, h, ax2), 'transform_2': linear(k2, h, width, ax2)}}
 
   def apply(apply_fn):
-    adapted = hooked(apply_fn, lambda a: {'prefix_kv': to_kv(encode(a[ENCODER]), num_layers,
-                                                             num_kv_heads, head_dim)},
+    adapted = hooked(apply_fn, lambda a, _: {'prefix_kv': to_kv(encode(a[ENCODER]), num_layers,
+                                                                num_kv_heads, head_dim)},
                      lambda extra: p, f'{name} tokens')
     if not gate_target:
       return adapted

@@ -5,9 +5,10 @@ The adapter is ``{'prompt_encoder': {...}}`` with HF PEFT's names: ``embedding (
 (logical axes ``(None, 'embed')``), plus for P-tuning the encoder that maps it to the prompts:
 ``mlp_head_{0,2,4}`` (Linear-ReLU-Linear-ReLU-Linear, ``kernel (in, out)``) or a bidirectional
 ``lstm_head`` (``l{k}`` and ``l{k}_reverse``: ``w_ih (in, 4h)``, ``w_hh (h, 4h)``, ``b_ih``,
-``b_hh``, torch's gate order i, f, g, o) followed by ``mlp_head_{0,2}``. ``fold`` runs the encoder
-once and gives the plain prompt-tuning adapter (export, inference), as HF PEFT saves it.
-The model's outputs drop the virtual positions (``keep_virtual=True`` keeps them).
+``b_hh``, torch's gate order i, f, g, o; ``encoder_dropout`` between its layers in training
+calls) followed by ``mlp_head_{0,2}``. ``fold`` runs the encoder once and gives the plain
+prompt-tuning adapter (export, inference), as HF PEFT saves it. The model's outputs drop the
+virtual positions (``keep_virtual=True`` keeps them).
 
 >>> import jax, jax.numpy as jnp
 >>> from peftjax.models import llama
@@ -43,6 +44,7 @@ from peftjax.models import families
 ENCODER = 'prompt_encoder'
 INITS = ('random', 'sample_vocab', 'text')
 ENCODERS = ('mlp', 'lstm')
+_DROPOUT_STREAM = 0x5054   # folded into the call's dropout rng: the encoder's own stream
 # The input embedding of any family, and the position tables that bound the sequence length.
 _EMBEDDING = '(.*/)?(' + '|'.join(sorted({re.escape(lay.embedding)
                                          for lay in families.LAYOUTS.values()})) + ')'
@@ -81,16 +83,17 @@ def check_positions(params, args, kw, extra: int, what: str):
 
 
 def hooked(apply_fn, hook_kwargs, extra_positions, what: str):
-  """The adapted call of a prompt-family method: ``hook_kwargs(own adapter leaves) -> model
-  kwargs`` (``prompt_embeds`` or ``prefix_kv``) added to every whole-model call (a ``method=``
-  call, e.g. the LM head alone, passes through)."""
+  """The adapted call of a prompt-family method: ``hook_kwargs(own adapter leaves, call kwargs)
+  -> model kwargs`` (``prompt_embeds`` or ``prefix_kv``; the call's kwargs say whether it
+  trains and hold its ``rngs``) added to every whole-model call (a ``method=`` call, e.g. the
+  LM head alone, passes through)."""
   @functools.wraps(apply_fn)
   def adapted(adapter, params, *args, **kw):
     adapter = nn.meta.unbox(adapter)
     variables = {'params': params, base.ADAPTER: adapter}
     if kw.get('method') is not None:
       return apply_fn(variables, *args, **kw)
-    extra = hook_kwargs(adapter)
+    extra = hook_kwargs(adapter, kw)
     check_positions(params, args, kw, extra_positions(extra), what)
     try:
       return apply_fn(variables, *args, **extra, **kw)
@@ -134,12 +137,17 @@ def _lstm_direction(p, x, reverse: bool):
   return hs
 
 
-def encode(encoder) -> jax.Array:
-  """The virtual-token embeddings [V, hidden] that an (unboxed) ``prompt_encoder`` gives."""
+def encode(encoder, dropout: Sequence[jax.Array] = ()) -> jax.Array:
+  """The virtual-token embeddings [V, hidden] that an (unboxed) ``prompt_encoder`` gives.
+  ``dropout``: for a training call of an LSTM encoder, one multiplier [V, 2 * h] (keep mask / (1
+  - rate), as torch's) per LSTM layer but the last, applied to that layer's output (torch's
+  ``LSTM(dropout=...)``)."""
   x = encoder['embedding']
   if 'lstm_head' in encoder:
     lstm = encoder['lstm_head']
     for k in range(len(lstm) // 2):
+      if k and dropout:
+        x = x * dropout[k - 1]
       x = jnp.concatenate([_lstm_direction(lstm[f'l{k}'], x, False),
                            _lstm_direction(lstm[f'l{k}_reverse'], x, True)], axis=-1)
     return dense(encoder['mlp_head_2'], jax.nn.relu(dense(encoder['mlp_head_0'], x)))
@@ -150,6 +158,16 @@ def encode(encoder) -> jax.Array:
   return x
 
 
+def lstm_dropout(encoder, rate: float, rng) -> list[jax.Array]:
+  """The multipliers ``encode`` takes for a training call: Bernoulli(1 - ``rate``) / (1 -
+  ``rate``), one [V, 2 * h] per LSTM layer but the last (HF PEFT runs the encoder once per
+  batch, so the whole batch shares them)."""
+  lstm = encoder['lstm_head']
+  shape = (encoder['embedding'].shape[0], 2 * lstm['l0']['w_hh'].shape[0])
+  keys = jax.random.split(rng, len(lstm) // 2 - 1)
+  return [jax.random.bernoulli(key, 1.0 - rate, shape) / (1.0 - rate) for key in keys]
+
+
 def fold(adapter) -> dict:
   """The plain prompt-tuning adapter ``{'prompt_encoder': {'embedding': encoder output}}``
   (P-tuning's encoder run once; other leaves of a composed adapter are kept)."""
@@ -157,33 +175,64 @@ def fold(adapter) -> dict:
   return {**adapter, ENCODER: {'embedding': encode(adapter[ENCODER])}}
 
 
-def _method(init, spec: base.Spec) -> base.PeftMethod:
+def _method(init, spec: base.Spec, dropout: float = 0.0) -> base.PeftMethod:
+  def prompts(adapter, kw):
+    encoder, masks = adapter[ENCODER], ()
+    if dropout and base._training(kw):
+      rng = (kw.get('rngs') or {}).get('dropout')
+      if rng is None:
+        raise ValueError(f"{spec.name} encoder_dropout={dropout} in a training call needs "
+                         "rngs={'dropout': key}")
+      masks = lstm_dropout(encoder, dropout, jax.random.fold_in(rng, _DROPOUT_STREAM))
+    return {'prompt_embeds': encode(encoder, masks)[None]}
+
   def apply(apply_fn):
-    return hooked(apply_fn, lambda a: {'prompt_embeds': encode(a[ENCODER])[None]},
-                  lambda extra: extra['prompt_embeds'].shape[1], f'{spec.name} virtual tokens')
+    return hooked(apply_fn, prompts, lambda extra: extra['prompt_embeds'].shape[1],
+                  f'{spec.name} virtual tokens')
   return base.PeftMethod(init, apply, None, spec)
 
 
 def prompt_tuning(num_virtual_tokens: int = 20, init: str = 'random',
-                  init_token_ids: Optional[Sequence[int]] = None) -> base.PeftMethod:
+                  init_token_ids: Optional[Sequence[int]] = None,
+                  init_text: Optional[str] = None,
+                  tokenizer_name_or_path: Optional[str] = None) -> base.PeftMethod:
   """Prompt tuning: ``num_virtual_tokens`` trainable embeddings before the input.
 
   ``init`` is HF PEFT's ``prompt_tuning_init``: ``'random'`` (standard normal, as a torch
   ``nn.Embedding``), ``'sample_vocab'`` (rows of the input embedding at uniformly drawn token
-  ids) or ``'text'`` (the embeddings of ``init_token_ids``, the tokenized
-  ``prompt_tuning_init_text``, cut or repeated to ``num_virtual_tokens`` as HF PEFT does).
+  ids) or ``'text'``: the embeddings of ``init_token_ids``, or else of ``init_text`` tokenized
+  by ``tokenizer_name_or_path`` (HF PEFT's ``prompt_tuning_init_text`` and tokenizer), cut or
+  repeated to ``num_virtual_tokens`` as HF PEFT does. The text and tokenizer, when given, go
+  into the spec and the exported ``adapter_config.json``.
   """
   v = check_num_virtual_tokens(num_virtual_tokens)
   if init not in INITS:
     raise ValueError(f'prompt tuning init must be one of {INITS}, got {init!r}')
-  if (init == 'text') != (init_token_ids is not None):
-    raise ValueError("prompt tuning: init_token_ids are given exactly when init='text' "
-                     f'(init={init!r}, init_token_ids={init_token_ids!r})')
-  if init == 'text' and not init_token_ids:
+  named = {k: x for k, x in (('init_token_ids', init_token_ids), ('init_text', init_text),
+                             ('tokenizer_name_or_path', tokenizer_name_or_path))
+           if x is not None}
+  if init != 'text' and named:
+    raise ValueError(f"prompt tuning: {sorted(named)} are for init='text', not init={init!r}")
+  if init == 'text' and init_token_ids is None and not (init_text and tokenizer_name_or_path):
+    raise ValueError("prompt tuning init='text' needs init_token_ids, or init_text and "
+                     f'tokenizer_name_or_path (got {sorted(named) or "neither"})')
+  if init_token_ids is not None and not init_token_ids:
     raise ValueError("prompt tuning init='text' needs at least one token id")
-  spec = base.Spec('prompt', dict(num_virtual_tokens=v, init=init,
-                                  init_token_ids=None if init_token_ids is None
-                                  else [int(i) for i in init_token_ids]))
+  ids = None if init_token_ids is None else [int(i) for i in init_token_ids]
+  hparams = dict(num_virtual_tokens=v, init=init, init_token_ids=ids)
+  if init == 'text':
+    hparams.update(init_text=init_text, tokenizer_name_or_path=tokenizer_name_or_path)
+  spec = base.Spec('prompt', hparams)
+
+  def token_ids() -> list[int]:
+    if ids is not None:
+      return ids
+    from peftjax.models import tokenizer   # lazy: transformers
+    found = tokenizer.load_tokenizer(tokenizer_name_or_path)(init_text)['input_ids']
+    if not found:
+      raise ValueError(f'prompt tuning init_text {init_text!r} gives no tokens with '
+                       f'{tokenizer_name_or_path}')
+    return found
 
   def init_fn(rng, params):
     w = input_embedding(params)
@@ -191,8 +240,11 @@ def prompt_tuning(num_virtual_tokens: int = 20, init: str = 'random',
     if init == 'random':
       e = jax.random.normal(rng, (v, hidden), jnp.float32)
     else:
-      ids = (jax.random.randint(rng, (v,), 0, vocab) if init == 'sample_vocab'
-             else jnp.asarray((list(init_token_ids) * math.ceil(v / len(init_token_ids)))[:v]))
+      if init == 'sample_vocab':
+        ids = jax.random.randint(rng, (v,), 0, vocab)
+      else:
+        text = token_ids()
+        ids = jnp.asarray((text * math.ceil(v / len(text)))[:v])
       e = jnp.take(w.value, ids, axis=0).astype(jnp.float32)
     return {ENCODER: {'embedding': targets.box(e, w.axes(None, 'out'))}}
 
@@ -200,21 +252,30 @@ def prompt_tuning(num_virtual_tokens: int = 20, init: str = 'random',
 
 
 def ptuning(num_virtual_tokens: int = 20, encoder: str = 'mlp',
-            encoder_hidden_size: Optional[int] = None, encoder_num_layers: int = 2
-            ) -> base.PeftMethod:
+            encoder_hidden_size: Optional[int] = None, encoder_num_layers: int = 2,
+            encoder_dropout: float = 0.0) -> base.PeftMethod:
   """P-tuning v1: virtual tokens from a prompt encoder over trainable embeddings (HF PEFT's
   ``PromptEncoder``): ``encoder`` ``'mlp'`` (3 Linear layers with ReLU) or ``'lstm'`` (a
-  bidirectional LSTM of ``encoder_num_layers`` layers, then 2 Linear layers; no dropout);
-  ``encoder_hidden_size`` defaults to the model's hidden size. Init as torch's defaults."""
+  bidirectional LSTM of ``encoder_num_layers`` layers, then 2 Linear layers);
+  ``encoder_hidden_size`` defaults to the model's hidden size. ``encoder_dropout`` (LSTM only)
+  drops each LSTM layer's output but the last's in training calls, as torch's ``LSTM``. Init as
+  torch's defaults."""
   v = check_num_virtual_tokens(num_virtual_tokens)
   if encoder not in ENCODERS:
     raise ValueError(f'P-tuning encoder must be one of {ENCODERS}, got {encoder!r}')
   if not isinstance(encoder_num_layers, int) or encoder_num_layers < 1:
     raise ValueError(f'P-tuning encoder_num_layers must be a positive int, got '
                      f'{encoder_num_layers!r}')
-  spec = base.Spec('ptuning', dict(num_virtual_tokens=v, encoder=encoder,
-                                   encoder_hidden_size=encoder_hidden_size,
-                                   encoder_num_layers=encoder_num_layers))
+  if not 0.0 <= encoder_dropout < 1.0:
+    raise ValueError(f'P-tuning encoder_dropout must be in [0, 1), got {encoder_dropout!r}')
+  if encoder_dropout and encoder != 'lstm':
+    raise ValueError(f'P-tuning encoder_dropout ({encoder_dropout}) acts between LSTM layers; '
+                     f'the {encoder!r} encoder has none (HF PEFT ignores it there)')
+  hparams = dict(num_virtual_tokens=v, encoder=encoder, encoder_hidden_size=encoder_hidden_size,
+                 encoder_num_layers=encoder_num_layers)
+  if encoder_dropout:
+    hparams['encoder_dropout'] = encoder_dropout
+  spec = base.Spec('ptuning', hparams)
 
   def init_fn(rng, params):
     w = input_embedding(params)
@@ -243,4 +304,4 @@ def ptuning(num_virtual_tokens: int = 20, encoder: str = 'mlp',
     enc['mlp_head_2'] = linear(next(keys), 2 * h, d, out_axes)
     return {ENCODER: enc}
 
-  return _method(init_fn, spec)
+  return _method(init_fn, spec, encoder_dropout)

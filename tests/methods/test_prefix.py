@@ -12,27 +12,19 @@ import peft
 import pytest
 import torch
 
-from peftjax import generate, methods, tree
+from peftjax import generate, methods
 from peftjax.methods import hf_prompt, prefix
 
 TOL = 5e-6   # float32; measured agreement ~1e-6
 P = 4
-CASES = [('llama_gqa', 'causal_lm', 'CAUSAL_LM'), ('gpt2', 'causal_lm', 'CAUSAL_LM'),
-         ('bert', 'classification', 'SEQ_CLS')]
 
 
-def torch_logits(model, ids, mask):
-  with torch.no_grad():
-    return model(input_ids=torch.as_tensor(ids).long(),
-                 attention_mask=torch.as_tensor(mask)).logits.numpy()
-
-
-def hf_logits(model, ids, mask):
+def hf_logits(kit, model, ids, mask):
   """HF PEFT's prefix-tuning forward. For BERT, whose forward in this transformers takes the
   cache as ``cache`` (HF PEFT looks for ``past_key_values`` and refuses), HF PEFT's own prefix
   cache (``get_prompt``) and extended mask are given to the wrapped transformers model."""
   if 'Bert' not in type(model.base_model).__name__:
-    return torch_logits(model, ids, mask)
+    return kit.torch_logits(model, ids, mask)
   with torch.no_grad():
     return model.base_model(
         input_ids=torch.as_tensor(ids).long(),
@@ -40,42 +32,23 @@ def hf_logits(model, ids, mask):
         cache=model.get_prompt(batch_size=3)).logits.numpy()
 
 
-def with_head(method, m, task):
-  """HF PEFT's SEQ_CLS adapters always hold the classification head (modules_to_save)."""
-  if task != 'classification':
-    return method
-  heads = [p for p in tree.flatten(m.params) if p.startswith('classifier/')]
-  return methods.compose(method, methods.modules_to_save(heads))
-
-
 def ours(method, m, adapter, ids, mask):
   return method.apply(m.module.apply)(adapter, m.params, ids, attention_mask=mask).logits
 
 
-def compare(got, want, mask, task, zoo):
-  if task == 'causal_lm':
-    return zoo.max_diff_at(got, want, mask)
-  return float(np.abs(np.asarray(got) - want).max())
+def transform_name(k: str):
+  """HF PEFT's PrefixEncoder ``transform.{i}.weight|bias`` -> (peftjax path, transpose)."""
+  _, i, leaf = k.split('.')
+  return f'transform_{i}/' + ('kernel' if leaf == 'weight' else 'bias'), leaf == 'weight'
 
 
-def hf_prefix_adapter(model) -> dict:
-  """HF PEFT's trainable PrefixEncoder as a peftjax ``prefix_encoder``."""
-  sd = {k.removeprefix('prompt_encoder.default.'): v.detach().numpy()
-        for k, v in model.named_parameters() if k.startswith('prompt_encoder.default.')}
-  enc = {'embedding': sd.pop('embedding.weight')}
-  for k, v in sd.items():
-    _, i, leaf = k.split('.')
-    enc.setdefault(f'transform_{i}', {})['kernel' if leaf == 'weight' else 'bias'] = (
-        v.T if leaf == 'weight' else v)
-  return {prefix.ENCODER: jax.tree.map(jnp.asarray, enc)}
-
-
-@pytest.mark.parametrize('name,task,task_type', CASES)
 @pytest.mark.parametrize('projection', [False, True])
-def test_prefix_tuning_equals_hf_peft_both_ways(name, task, task_type, projection, hf_model,
+def test_prefix_tuning_equals_hf_peft_both_ways(prompt_case, projection, prompt_kit, hf_model,
                                                 flax_model, zoo, tmp_path):
   """HF PEFT's training-mode forward == ours on its encoder (unfolded); its saved (folded)
   adapter loads here with the same logits; our export loads in HF PEFT with ours."""
+  name, task, task_type = prompt_case
+  kit = prompt_kit
   m = flax_model(name, task)
   ids, mask = zoo.right_padded_batch(pad_id=m.config.pad_token_id)
   torch.manual_seed(0)
@@ -83,25 +56,26 @@ def test_prefix_tuning_equals_hf_peft_both_ways(name, task, task_type, projectio
                            peft.PrefixTuningConfig(task_type=task_type, num_virtual_tokens=P,
                                                    prefix_projection=projection,
                                                    encoder_hidden_size=24)).eval()
-  want = hf_logits(hf, ids, mask)
-  method = with_head(methods.get('prefix', num_virtual_tokens=P, projection=projection,
-                                 encoder_hidden_size=24, **prefix.model_dims(m.config)), m, task)
+  want = hf_logits(kit, hf, ids, mask)
+  method = kit.with_head(methods.get('prefix', num_virtual_tokens=P, projection=projection,
+                                     encoder_hidden_size=24, **prefix.model_dims(m.config)),
+                         m, task)
   fresh = method.init(jax.random.key(0), m.params)
-  adapter = {**fresh, **hf_prefix_adapter(hf)}
-  assert jax.tree.map(jnp.shape, adapter) == jax.tree.map(jnp.shape, fresh)
-  assert compare(ours(method, m, adapter, ids, mask), want, mask, task, zoo) < TOL
+  adapter = {**fresh, prefix.ENCODER: kit.hf_encoder(hf, transform_name)}
+  assert kit.shapes(adapter) == kit.shapes(fresh)
+  assert kit.compare(ours(method, m, adapter, ids, mask), want, mask, task) < TOL
   hf.save_pretrained(tmp_path / 'hf')
   plain, folded = hf_prompt.load_adapter(tmp_path / 'hf', m.params, m.config, task)
-  assert compare(ours(plain, m, folded, ids, mask), want, mask, task, zoo) < TOL
-  assert compare(ours(plain, m, prefix.fold(adapter), ids, mask), want, mask, task, zoo) < TOL
+  assert kit.compare(ours(plain, m, folded, ids, mask), want, mask, task) < TOL
+  assert kit.compare(ours(plain, m, prefix.fold(adapter), ids, mask), want, mask, task) < TOL
 
   adapter = method.init(jax.random.key(1), m.params)   # ours -> HF
   hf_prompt.save_adapter(tmp_path / 'ours', method, adapter, m.config, task=task)
   back = peft.PeftModel.from_pretrained(copy.deepcopy(hf_model(name, task).torch_model),
                                         tmp_path / 'ours').eval()
   assert back.peft_config['default'].peft_type == peft.PeftType.PREFIX_TUNING
-  assert compare(ours(method, m, adapter, ids, mask), hf_logits(back, ids, mask), mask, task,
-                 zoo) < TOL
+  assert kit.compare(ours(method, m, adapter, ids, mask), hf_logits(kit, back, ids, mask), mask,
+                     task) < TOL
 
 
 @pytest.mark.parametrize('scan', [False, True])
