@@ -64,7 +64,12 @@ def parse_args():
   p.add_argument('--device-model', choices=sorted(DEVICE_MODELS),
                  help='a random bf16 Llama of this size instead of SmolLM2 (meant for a GPU)')
   p.add_argument('--scan-layers', action='store_true', help='JAX: nn.scan over layers')
-  p.add_argument('--remat', action='store_true', help='JAX: rematerialise each layer')
+  p.add_argument('--remat', nargs='?', const='full', default='none',
+                 help='JAX remat policy: none, dots (keep matmul outputs), full (bare --remat)')
+  p.add_argument('--attention-impl', default='auto',
+                 help='JAX: auto, xla, cudnn, einsum or flash (layers.ATTENTION_IMPLS)')
+  p.add_argument('--grad-ckpt', action='store_true',
+                 help='PyTorch: gradient checkpointing (non-reentrant)')
   p.add_argument('--loss-chunk', type=int, default=512, help='JAX: tokens per chunked-loss block')
   p.add_argument('--peak-size', type=int, default=2048, help='n of the n^3 peak matmul')
   p.add_argument('--threads', type=int, default=len(os.sched_getaffinity(0)),
@@ -176,7 +181,8 @@ def jax_worker(args, ids: np.ndarray) -> dict:
   from peftjax.train import optim, step as step_lib, state as state_lib
 
   dtype = jnp.bfloat16 if args.device_model else jnp.float32
-  overrides = dict(scan_layers=args.scan_layers, remat=args.remat)
+  overrides = dict(scan_layers=args.scan_layers, remat=args.remat,
+                   attention_impl=args.attention_impl)
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
   rules = sharding.DEFAULT_RULES
   t0 = time.perf_counter()
@@ -267,6 +273,8 @@ def torch_worker(args, ids: np.ndarray) -> dict:
     gguf = assets.path(SMOLLM)
     model = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
                                                               dtype=torch.float32).to(device)
+  if args.grad_ckpt:
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
   rank, alpha, names = CONFIGS[args.config]
   model = peft.get_peft_model(model, peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=names,
                                                      lora_dropout=0.0, task_type='CAUSAL_LM'))
@@ -292,6 +300,7 @@ def torch_worker(args, ids: np.ndarray) -> dict:
   out = dict(load_s=load_s, compile_s=0.0, step_times=times, first_loss=first_loss,
              torch_matmul_flops=matmul_flops(lambda: (a @ b, sync()), args.peak_size),
              backend=device, trainable=int(sum(p.numel() for p in trainable)),
+             attn_implementation=model.config._attn_implementation,
              torch_threads=torch.get_num_threads(), **memory_report(rss_after_load))
   if device == 'cuda':
     out['device_peak_mib'] = torch.cuda.max_memory_allocated() / 2**20

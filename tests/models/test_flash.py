@@ -161,8 +161,8 @@ def test_remat_policies_agree_and_recompute_what_they_say(scan, flax_model, zoo)
     dots[policy] = str(jax.make_jaxpr(grad)(m.params)).count('dot_general')
   for policy in ('dots', 'full'):
     assert_close_tree(results[policy], results['none'], 1e-6)
-  # 'full' recomputes the forward projections in the backward pass, 'dots' keeps them
-  assert dots['none'] == dots['dots'] < dots['full']
+  # the backward recomputes: 'dots' only the batched attention matmuls, 'full' every matmul
+  assert dots['none'] < dots['dots'] < dots['full']
 
 
 def test_remat_bool_and_unknown_policy():
