@@ -50,6 +50,9 @@ def parse_args():
   p.add_argument('--json', help='write the raw results here')
   p.add_argument('--plot', help='write a plot of s/step and peak RSS against T here (.png)')
   p.add_argument('--report', help='no runs: the table and plot of a --json file (partial ones too)')
+  p.add_argument('--xla-memory', action='store_true',
+                 help="no runs: compile each peftjax row's gradient from shapes alone and print "
+                      "XLA's planned memory (load-independent, cheap at any T)")
   p.add_argument('--resume', action='store_true',
                  help='keep the runs already in the --json file and do only the missing ones')
   return p.parse_args()
@@ -144,6 +147,45 @@ def cpu_model() -> str:
   return platform.processor()
 
 
+def xla_memory(rows: list[str], lengths: list[int], bts) -> str:
+  """A table of ``compiled.memory_analysis()`` (temporaries; arguments and outputs are the
+  weights, the same at every T) of the adapter gradient of the benchmark's loss, per peftjax
+  row and T, compiled from abstract shapes: nothing runs and no weights load."""
+  import argparse as ap
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  from peftjax import methods
+  from peftjax.methods import targets
+  from peftjax.models import registry
+  hf = bts.model_hf_config(ap.Namespace(device_model=None))
+  rank, alpha, names = bts.CONFIGS['qv']
+  method = methods.get('lora', rank=rank, alpha=alpha, target=targets.suffix_regex(names))
+  lines = ['| row | ' + ' | '.join(f'T={t:,}' for t in lengths) + ' |',
+           '|' + '---|' * (len(lengths) + 1)]
+  for name in rows:
+    framework, extra = ROWS[name]
+    if framework != 'jax':
+      continue
+    opts = dict(zip(extra[::2], extra[1::2]))
+    config = registry.config_from_hf(hf, scan_layers=True, remat=opts['--remat'],
+                                     attention_impl=opts['--attention-impl'])
+    module = registry.build(config, 'causal_lm')
+    base = jax.eval_shape(lambda: nn.unbox(
+        module.init(jax.random.key(0), jnp.ones((1, 2), jnp.int32))['params']))
+    adapter = jax.eval_shape(method.init, jax.random.key(1), base)
+    loss = bts.make_loss_fn(method.apply(module.apply), config, 512)
+    grad = jax.jit(jax.grad(lambda a, b, batch: loss(a, b, batch, jax.random.key(2))[0]))
+    cells = []
+    for t in lengths:
+      ids = jax.ShapeDtypeStruct((1, t), jnp.int32)
+      mem = grad.lower(adapter, base, {'input_ids': ids, 'attention_mask': ids}).compile()
+      cells.append(f'{mem.memory_analysis().temp_size_in_bytes / 2**30:.2f}')
+      print(f'{name} T={t}: {cells[-1]} GiB', file=sys.stderr, flush=True)
+    lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines) + '\n\ncells: GiB of XLA temporaries of the adapter gradient'
+
+
 def report(results: dict, lengths: list[int], machine: str, args):
   print(format_table(results, lengths, args.limit_gib))
   print(f'\n{machine}; first losses: ' + ', '.join(
@@ -163,6 +205,8 @@ def main():
     return report(results, lengths, saved['machine'], args)
   sys.path.insert(0, str(HERE))
   import bench_train_step as bts
+  if args.xla_memory:
+    return print(xla_memory(rows, lengths, bts))
   vocab = bts.model_hf_config(argparse.Namespace(device_model=None))['vocab_size']
   limit_mib = args.limit_gib * 1024
   results = {name: {} for name in rows}

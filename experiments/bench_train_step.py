@@ -171,13 +171,30 @@ def time_steps(run_step, warmup: int, steps: int) -> tuple[list[float], float]:
   return times, first
 
 
+def make_loss_fn(apply, config, loss_chunk: int):
+  """``loss_fn(adapter, base, batch, rng) -> (mean next-token NLL, {})`` of the adapted
+  ``apply``: the chunked LM loss on the final hidden states and the (tied) output embedding."""
+  import jax.numpy as jnp
+  from peftjax.models import heads
+  from peftjax.objectives import lm
+
+  def loss_fn(adapter, base, batch, rng):
+    hidden = apply(adapter, base, batch['input_ids'], attention_mask=batch['attention_mask'],
+                   deterministic=False, rngs={'dropout': rng}).hidden
+    kernel, tied = heads.output_embedding(config, base)
+    labels, mask = lm.next_token_targets(batch['input_ids'], batch['attention_mask'])
+    nll, count = lm.chunked_nll(hidden, kernel.astype(hidden.dtype), labels, mask,
+                                chunk=loss_chunk, tied=tied)
+    return nll / jnp.maximum(count, 1.0), {}
+  return loss_fn
+
+
 def jax_worker(args, ids: np.ndarray) -> dict:
   import jax
   import jax.numpy as jnp
   from peftjax import methods, quant, sharding
   from peftjax.methods import targets
-  from peftjax.models import auto, heads, registry
-  from peftjax.objectives import lm
+  from peftjax.models import auto, registry
   from peftjax.train import optim, step as step_lib, state as state_lib
 
   dtype = jnp.bfloat16 if args.device_model else jnp.float32
@@ -211,17 +228,7 @@ def jax_worker(args, ids: np.ndarray) -> dict:
                              'weight_decay': WEIGHT_DECAY})
   state, state_sh = state_lib.init_train_state(method.init, tx, jax.random.key(1), params,
                                                base_axes, mesh, rules)
-  apply = method.apply(module.apply)
-
-  def loss_fn(adapter, base, batch, rng):
-    hidden = apply(adapter, base, batch['input_ids'], attention_mask=batch['attention_mask'],
-                   deterministic=False, rngs={'dropout': rng}).hidden
-    kernel, tied = heads.output_embedding(config, base)
-    labels, mask = lm.next_token_targets(batch['input_ids'], batch['attention_mask'])
-    nll, count = lm.chunked_nll(hidden, kernel.astype(hidden.dtype), labels, mask,
-                                chunk=args.loss_chunk, tied=tied)
-    return nll / jnp.maximum(count, 1.0), {}
-
+  loss_fn = make_loss_fn(method.apply(module.apply), config, args.loss_chunk)
   batch_sh = sharding.batch_sharding(mesh)
   step = step_lib.make_train_step(loss_fn, tx, state_shardings=state_sh, base_shardings=base_sh,
                                   batch_sharding=batch_sh,
