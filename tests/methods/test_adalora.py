@@ -151,11 +151,11 @@ def test_rank_allocator_equals_hf_step_by_step(flax_model, hf_model):
 
 
 def test_budget_follows_hf_schedule_at_every_masking_step(flax_model, hf_model):
-  """40 steps with random weights and gradients (deltaT=3): at every step HF's
+  """30 steps with random weights and gradients (deltaT=3): at every step HF's
   ``budget_schedule`` says to mask, the mask keeps exactly that budget; E is masked only then
   (and every step after the final allocation); the end keeps target_r per matrix on average."""
   fm, torch_model = _llama(flax_model, hf_model)
-  h = dict(init_r=5, target_r=3, tinit=5, tfinal=8, deltaT=3, total_step=40)
+  h = dict(init_r=5, target_r=3, tinit=5, tfinal=8, deltaT=3, total_step=30)
   method = adalora.adalora(target='.*/(q_proj|v_proj)', **h)
   allocator = peft.get_peft_model(copy.deepcopy(torch_model), _hf_config(**h)
                                   ).base_model.rankallocator
@@ -182,8 +182,8 @@ def test_budget_follows_hf_schedule_at_every_masking_step(flax_model, hf_model):
       assert 20 - e_zero == budget, f'step {t}'
     else:
       assert e_zero == 0, f'step {t}: E masked off schedule'
-  assert steps == [6, 9, 12, 15, 18, 21, 24, 27, 30, 32, 33, 34, 35, 36, 37, 38, 39, 40]
-  assert budgets[0] == 19 and budgets[-1] == 12 == h['target_r'] * 4
+  assert steps == [6, 9, 12, 15, 18, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30]
+  assert budgets[:3] == [18, 15, 13] and budgets[-1] == 12 == h['target_r'] * 4
 
 
 def test_orthogonality_penalty_equals_hf(flax_model, hf_model):
@@ -204,7 +204,7 @@ def test_orthogonality_penalty_equals_hf(flax_model, hf_model):
     plain = pm.base_model.model(input_ids=ids, labels=ids).loss.item()
   penalty = float(method.regularizer(tree.unflatten(adapter)))
   assert penalty > 0.1
-  assert penalty == pytest.approx(with_penalty - plain, rel=1e-5)
+  assert penalty == pytest.approx(with_penalty - plain, rel=1e-6)    # measured: 2.5e-7
 
 
 def _hf_masked(torch_model, rank_pattern, seed=0, **kw):
@@ -242,7 +242,7 @@ def test_hf_adalora_directory_loads_with_equal_logits(flax_model, hf_model, tmp_
   if scan:
     assert [k.tolist() for k in kept.values()] == [[keeps[0], keeps[2]], [keeps[1], keeps[3]]]
   diff = _max_diff(_torch_out(pm, 'causal_lm'), _jax_out(method, adapter, fm))
-  assert diff < ATOL    # measured: 1.9e-7
+  assert diff < ATOL    # measured: 1.0e-6
 
 
 def test_peftjax_export_loads_in_hf_with_rank_pattern(flax_model, hf_model, tmp_path):
@@ -269,7 +269,7 @@ def test_peftjax_export_loads_in_hf_with_rank_pattern(flax_model, hf_model, tmp_
     assert loaded.base_model.model.get_submodule(name[:-len('.lora_E')]).lora_A[
         'default'].shape[0] == sum(keep)
   diff = _max_diff(_torch_out(loaded, 'causal_lm'), _jax_out(method, adapter, fm))
-  assert diff < ATOL    # measured: 2.4e-7
+  assert diff < ATOL    # measured: 7.2e-7
   again, back = hf_format.load_adapter(tmp_path, fm.params, fm.config)
   assert {**again.spec.hparams, 'target': None} == {**method.spec.hparams, 'target': None}
   for m, keep in kept.items():   # the dropped singular values' vectors are not in the file
@@ -300,7 +300,7 @@ def test_plain_lora_export_of_the_final_ranks(flax_model, hf_model, tmp_path):
     kept = {m: k.sum(-1) for m, k in adalora.kept(adapter).items()}
     plain, lora_adapter = adalora.to_lora(method, adapter)
     ours = _jax_out(method, adapter, fm)
-    assert _max_diff(_jax_out(plain, lora_adapter, fm), ours) < ATOL
+    assert _max_diff(_jax_out(plain, lora_adapter, fm), ours) < ATOL    # measured: 6.9e-7
     directory = tmp_path / f'scan{scan}'
     hf_format.save_adapter(directory, plain, lora_adapter, fm.config)
     cfg = hf_format.read_config(directory)
@@ -314,7 +314,7 @@ def test_plain_lora_export_of_the_final_ranks(flax_model, hf_model, tmp_path):
     assert {n: r for n, r in want.items() if r != cfg['r']} == {
         n.replace('\\', ''): r for n, r in cfg['rank_pattern'].items()}
     loaded = _hf_load(copy.deepcopy(torch_model), directory)
-    assert _max_diff(_torch_out(loaded, 'causal_lm'), ours) < ATOL    # measured: 2.4e-7
+    assert _max_diff(_torch_out(loaded, 'causal_lm'), ours) < ATOL    # measured: 1.0e-6
 
 
 class MLP(nn.Module):
@@ -389,7 +389,22 @@ def test_rank_pattern_naming_a_module_the_base_lacks_is_refused(flax_model, hf_m
     hf_format.load_adapter(tmp_path, fm.params, fm.config)
 
 
-def test_runlocal_sentiment_trains_and_resumes_bit_for_bit(tiny, tmp_path):
+@pytest.fixture
+def compilation_cache(tmp_path):
+  """A persistent compilation cache for one test: its runs compile the same programs."""
+  from jax.experimental.compilation_cache import compilation_cache as cc
+  keys = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs')
+  saved = {k: getattr(jax.config, k) for k in keys}
+  jax.config.update(keys[0], str(tmp_path / 'xla_cache'))
+  jax.config.update(keys[1], 0)
+  cc.reset_cache()
+  yield
+  for k, v in saved.items():
+    jax.config.update(k, v)
+  cc.reset_cache()
+
+
+def test_runlocal_sentiment_trains_and_resumes_bit_for_bit(tiny, tmp_path, compilation_cache):
   """configs/sentiment.py with method=adalora through train.loop: the run masks down to the
   target budget and exports an ADALORA directory; stopping at step 4 (a checkpoint) and resuming
   to 8 ends with the checkpoint (adapter, optimizer, importance averages, mask) of an
