@@ -213,18 +213,18 @@ def base_fingerprint(config, params=None) -> dict:
 def _hf_shapes(config, flat) -> list:
   """Sorted (HF tensor name, shape) of the backbone params in ``flat`` (per layer, a quantised
   kernel with its logical shape)."""
-  heads = set(families.head_modules(config))
+  heads = set(families.head_modules(config)) | set(families.NEW_HEADS)   # and BERT's pooler
   out = []
   for p, x in flat.items():
     path = tuple(p.split('/'))
-    if path[0] in heads:
+    if heads & set(path):
       continue
     shape = list(np.shape(x))
     scanned = convert.is_scanned(config, path)
     for layer in range(shape[0]) if scanned else [None]:
       name, transpose = convert.hf_name(config, path, layer)
       s = shape[1:] if scanned else shape
-      out.append((name, s[::-1] if transpose else s))
+      out.append((name.removeprefix(config.base_prefix + '.'), s[::-1] if transpose else s))
   return sorted(out)
 
 
@@ -455,6 +455,11 @@ def load_adapter(directory, params, config, rng=None) -> tuple[base.PeftMethod, 
       raise errors.CheckpointError(
           f'{directory}: the adapter was saved for a {saved_for["num_layers"]}-layer '
           f'{saved_for["model_type"]}; this base is a {config.num_layers}-layer {config.model_type}')
+    here = base_fingerprint(config, params)
+    if saved_for.get('backbone_sha256', here['backbone_sha256']) != here['backbone_sha256']:
+      raise errors.CheckpointError(
+          f'{directory}: the adapter was trained on another base ({_describe(saved_for)}) than '
+          f'this one ({_describe(here)}); load it onto the base it was trained from')
     here = base_fingerprint(config, params)
     if saved_for.get('backbone_sha256', here['backbone_sha256']) != here['backbone_sha256']:
       raise errors.CheckpointError(
