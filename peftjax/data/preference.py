@@ -66,10 +66,10 @@ def encode_preferences(dataset: datasets.Dataset, tokenizer, *, max_length: int 
   """Tokenizes preference rows into ``chosen_*`` / ``rejected_*`` columns (see the module doc).
 
   ``system``: a system turn put before every plain-text prompt (chat format only).
-  ``Encoded.num_truncated`` counts rows with a prompt or sequence cut, ``num_skipped`` rows dropped by
-  ``overflow='skip'``. Errors (``DataError``) name the row and column: a missing column, a
-  value that is neither a string nor a list of messages, an empty completion, chosen equal to
-  rejected, a prompt that alone fills ``max_length``.
+  ``Encoded.num_truncated`` counts rows with a prompt or sequence cut, ``num_skipped`` rows
+  dropped by ``overflow='skip'``. Errors (``DataError``) name the row and column: a missing
+  column, a value that is neither a string nor a list of messages, an empty completion, chosen
+  equal to rejected, a prompt that alone fills ``max_length``.
   """
   if overflow not in PREFERENCE_OVERFLOW:
     raise ValueError(f'overflow={overflow!r}; expected one of {PREFERENCE_OVERFLOW}')

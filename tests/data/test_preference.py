@@ -54,7 +54,8 @@ def test_encoding_and_truncation_equal_trl(tiny_tokenizer, rows, chat_format, ma
                                       max_length=max_length, chat_format=chat_format,
                                       overflow='skip')
   expected = _trl(tiny_tokenizer, rows, max_length)
-  keep = [i for i, p in enumerate(rows['prompt']) if len(_prompt_ids(tiny_tokenizer, p)) < max_length]
+  keep = [i for i, p in enumerate(rows['prompt'])
+          if len(_prompt_ids(tiny_tokenizer, p)) < max_length]
   assert _ours(enc) == [expected[i] for i in keep]
   assert enc.num_skipped == len(rows['prompt']) - len(keep)
   full = preference.encode_preferences(datasets.Dataset.from_dict(rows), tiny_tokenizer,
