@@ -52,14 +52,16 @@ def _selected(pre) -> list[str]:
                                                                       for k in flat])]
 
 
-def reconstruction(pre, qtype: str, block_size: int, double_quant: bool) -> dict:
+def reconstruction(pre, qtype: str, block_size: int, double_quant: bool,
+                   quantized=None) -> dict:
   """RMSE of quantise-then-dequantise over the selected kernels, relative to their RMS, and the
-  stored bytes per parameter (absmax included)."""
+  stored bytes per parameter (absmax included); ``quantized``: params already quantised so."""
   flat = tree.flatten(pre.params)
+  done = tree.flatten(quantized) if quantized is not None else {}
   err = ref = n = stored = 0.0
   for path in _selected(pre):
     w = np.asarray(flat[path], np.float32)
-    q = quant.quantize_kernel(w, qtype, block_size, double_quant, name=path)
+    q = done.get(path) or quant.quantize_kernel(w, qtype, block_size, double_quant, name=path)
     err += float(np.sum((np.asarray(q.dequantize()) - w) ** 2))
     ref += float(np.sum(w ** 2))
     n += w.size
@@ -95,7 +97,7 @@ def main():
     row = dict(type=t, perplexity=perplexity(smol, params, rows, args.batch))
     if t != 'float32':
       row.update({f'smollm2_{k}': v for k, v in reconstruction(smol, t, args.block_size,
-                                                              dq).items()})
+                                                              dq, params).items()})
       if minilm is not None:
         row.update({f'minilm_{k}': v for k, v in reconstruction(minilm, t, args.block_size,
                                                                 dq).items()})
