@@ -7,7 +7,7 @@ train step and the PyTorch loop), so each peak RSS is the process's own. Reporte
 peak RSS (process, and what the step adds after loading), the ratio to PyTorch without
 checkpointing at the same T, and per row the longest T measured within ``--limit-gib`` (plus a
 linear or quadratic extrapolation of the step's memory when the grid stops below it). A row is
-skipped from the T where its previous memory, grown quadratically, would pass the limit.
+skipped from the T where its memory, extrapolated from the previous ones, would pass the limit.
 
   .venv/bin/python experiments/bench_length.py                            # T = 512 .. 8192
   nice -n 10 .venv/bin/python experiments/bench_length.py --lengths 512,1024,2048,4096 \\
@@ -81,14 +81,33 @@ def longest_within(points: list[tuple[int, dict]], limit_mib: float) -> str:
     return '-'
   t, r = ok[-1]
   done = [(t, r) for t, r in points if 'error' not in r]
-  if len(done) < 2 or done[-1][0] != t:
+  if done[-1][0] != t:
     return f'{t:,}'   # the limit was passed inside the grid (or a run failed)
-  (t0, r0), (t1, r1) = done[-2], done[-1]
-  k = float(np.clip(np.log(max(r1['step_rss_mib'], 1) / max(r0['step_rss_mib'], 1)) /
-                    np.log(t1 / t0), 1.0, 2.0))
+  if len(done) < 2:
+    return f'>= {t:,} (one T measured)'
+  k, (t1, r1) = growth(done), done[-1]
   base = r1['rss_after_load_mib']
   est = t1 * ((limit_mib - base) / max(r1['step_rss_mib'], 1)) ** (1 / k)
   return f'~{int(est):,} (memory ~ T^{k:.1f})'
+
+
+def growth(points: list[tuple[int, dict]]) -> float:
+  """The exponent k of the step's memory ~ T^k between the last two points, clipped to [1, 2]
+  (1 with a single point)."""
+  if len(points) < 2:
+    return 1.0
+  (t0, r0), (t1, r1) = points[-2:]
+  return float(np.clip(np.log(max(r1['step_rss_mib'], 1) / max(r0['step_rss_mib'], 1)) /
+                       np.log(t1 / t0), 1.0, 2.0))
+
+
+def predicted_mib(by_t: dict, t: int) -> float:
+  """The process peak at ``t`` extrapolated from the measured points (0 without any)."""
+  done = sorted((s, r) for s, r in by_t.items() if 'step_rss_mib' in r and s < t)
+  if not done:
+    return 0.0
+  s, r = done[-1]
+  return r['rss_after_load_mib'] + r['step_rss_mib'] * (t / s) ** growth(done)
 
 
 def format_table(results: dict, lengths: list[int], limit_gib: float) -> str:
@@ -225,10 +244,8 @@ def main():
         framework, extra = ROWS[name]
         if t in results[name]:
           continue
-        done = [(s, r) for s, r in results[name].items() if 'step_rss_mib' in r]
-        if any('skipped' in r for r in results[name].values()) or (done and (
-            done[-1][1]['rss_after_load_mib'] + done[-1][1]['step_rss_mib'] * (t / done[-1][0])**2
-            > limit_mib)):
+        if any('skipped' in r for r in results[name].values()) or (
+            predicted_mib(results[name], t) > limit_mib):
           results[name][t] = {'skipped': True}
           continue
         print(f'T={t} {name} ...', file=sys.stderr, flush=True)
