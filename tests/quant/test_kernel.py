@@ -83,3 +83,20 @@ def test_float_hf_export_of_a_quantised_base_is_refused(zoo, hf_model):
   with pytest.raises(ValueError, match=r'model/layers_0/mlp/down_proj/kernel is a nf4 kernel; '
                                        r'.*dequantise first'):
     convert.params_to_hf(config, params)
+
+
+def test_backward_pass_keeps_no_float_kernel_per_layer():
+  """The gradient through a scan of quantised Dense layers recomputes each float kernel rather
+  than saving all of them (what a plain dequantise-then-dot would do)."""
+  from peftjax.models import layers
+  n, d = 8, 512
+  w = np.random.default_rng(0).standard_normal((n, d, d)).astype(np.float32) * 0.02
+  q = quant.quantize_kernel(w, 'nf4', 64)
+  dense = layers.Dense(d, use_bias=False)
+
+  def loss(x, q):
+    body = lambda h, k: (jnp.tanh(dense.apply({'params': {'kernel': k}}, h)), None)
+    return jax.lax.scan(body, x, q)[0].sum()
+
+  compiled = jax.jit(jax.grad(loss)).lower(jnp.ones((4, d)), q).compile()
+  assert compiled.memory_analysis().temp_size_in_bytes < w.nbytes / 4   # measured 1.1 of 8 MiB
