@@ -25,7 +25,7 @@ def get_config(arg=None):
   c.task = 'dpo'
   c.seed = 0
 
-  c.model = dict(source='smollm2-135m-instruct', dtype='float32', scan_layers=True, remat=False)
+  c.model = dict(source='smollm2-135m-instruct', dtype='float32', scan_layers=True, remat='none')
   # Truncation keeps the completion and cuts the prompt from the left (max_prompt_length 0: only
   # max_length cuts); overflow='skip' drops pairs whose prompt alone fills max_length.
   c.data = dict(source='chatterbot-english', validation_fraction=0.1, system='', max_length=128,

@@ -26,7 +26,7 @@ def get_config(arg=None):
   c.task = 'reward'
   c.seed = 0
 
-  c.model = dict(source='smollm2-135m-instruct', dtype='float32', scan_layers=True, remat=False,
+  c.model = dict(source='smollm2-135m-instruct', dtype='float32', scan_layers=True, remat='none',
                  num_labels=1)
   # max_prompt_length: the prompt's last tokens kept (0: only max_length cuts, from the left).
   c.data = dict(source='chatterbot-english', validation_fraction=0.1, system='', max_length=64,

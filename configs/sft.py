@@ -24,7 +24,7 @@ def get_config(arg=None):
   c.task = 'sft'
   c.seed = 0
 
-  c.model = dict(source='smollm2-135m-instruct', dtype='float32', scan_layers=True, remat=False,
+  c.model = dict(source='smollm2-135m-instruct', dtype='float32', scan_layers=True, remat='none',
                  **pconfig.quantize_defaults('nf4' if a.qlora else None))
   c.data = dict(source='chatterbot-english', deduplicate=True, validation_fraction=0.05,
                 system='', max_length=128, overflow='skip', packing=True,

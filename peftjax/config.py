@@ -82,6 +82,7 @@ def adalora_schedule(c: ml_collections.ConfigDict):
   c.peft.tinit = c.peft.get_ref('total_step') // 10
   c.peft.tfinal = c.peft.get_ref('total_step') // 5
 
+
 def quantize_defaults(quantize: str | None = None) -> dict:
   """``config.model`` fields of the frozen base's quantisation (QLoRA): ``quantize`` (None: a
   float base; 'nf4', 'fp4', 'int4', 'int8'), ``double_quant``, ``block_size`` and

@@ -27,8 +27,8 @@ METHODS = {
     'lora': lora,
     'rslora': functools.partial(lora, rslora=True),
     'dora': functools.partial(lora, dora=True),
-    'ia3': ia3,
     'adalora': adalora.adalora,
+    'ia3': ia3,
     'houlsby': functools.partial(bottleneck_adapter, train_norms=True),
     'pfeiffer': bottleneck_adapter,
     'modules_to_save': modules_to_save,
@@ -41,9 +41,9 @@ METHODS = {
 # Method name -> (constructor kwarg, targets table key) filled from ``model_type`` when omitted.
 _DEFAULT_TARGET_KWARGS = {
     'lora': (('target', 'lora'),), 'rslora': (('target', 'lora'),), 'dora': (('target', 'lora'),),
+    'adalora': (('target', 'lora'),),
     'ia3': (('target', 'ia3'), ('feedforward', 'ia3_feedforward')),
     'houlsby': (('target', 'houlsby'),), 'pfeiffer': (('target', 'pfeiffer'),),
-    'adalora': (('target', 'lora'),),
     'unipelt': (('target', 'lora'), ('attention_target', 'lora'), ('adapter_target', 'pfeiffer')),
 }
 
