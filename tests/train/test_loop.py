@@ -246,7 +246,7 @@ def test_divergence_between_log_steps_stops_before_the_next_save(tiny, tmp_path,
 def test_unknown_names_are_listed(tiny, tmp_path):
   c = _config(tiny)
   c.task = 'translate'
-  with pytest.raises(ValueError, match="unknown task 'translate'; valid tasks: classification, sft"):
+  with pytest.raises(ValueError, match="unknown task 'translate'; valid tasks: classification, dpo, reward, sft"):
     loop.run(c, tmp_path)
   c = _config(tiny)
   c.data.batch_size = 6
