@@ -36,20 +36,11 @@ def get_config(arg=None):
   c.dpo = dict(beta=0.1, loss_type='sigmoid', label_smoothing=0.0, dropout=False,
                precompute_ref_log_probs=False)
 
-  peft = pconfig.peft_defaults(a.method)
-  lr = peft.pop('learning_rate')
-  c.peft = dict(method=a.method, trainable_heads=False, **peft)
-  c.optim = dict(name='adamw', learning_rate=lr / 4, schedule='cosine', warmup_steps=10,
-                 weight_decay=0.0, clip_norm=1.0, grad_accum_steps=1, layer_decay=0.0,
-                 unfreeze_every=0, lora_plus_ratio=0.0)
   c.train = dict(steps=150, log_every=10, eval_every=50, checkpoint_every=50, keep=2)
-  c.mesh = dict(data=-1, fsdp=1, tensor=1)
-  c.distributed = pconfig.distributed_defaults()
+  pconfig.method_config(c, a.method, trainable_heads=False, warmup_steps=10, lr_scale=0.25)
   c.export = dict(adapter=True, merged=False)
 
   if a.runlocal:
-    c.data.update(max_train_examples=32, max_eval_examples=8, max_length=64, batch_size=4,
-                  eval_batch_size=8)
-    c.optim.warmup_steps = 2
-    c.train.update(steps=4, log_every=2, eval_every=2, checkpoint_every=2)
+    pconfig.runlocal(c, steps=4, every=2, max_train_examples=32, max_eval_examples=8,
+                     max_length=64, batch_size=4, eval_batch_size=8)
   return c

@@ -36,24 +36,15 @@ def get_config(arg=None):
   # whenever present.
   c.reward = dict(center_rewards_coefficient=ml_collections.FieldReference(None, field_type=float))
 
-  peft = pconfig.peft_defaults(a.method)
-  lr = peft.pop('learning_rate')
-  c.peft = dict(method=a.method, trainable_heads=True, **peft)
+  c.train = dict(steps=100, log_every=10, eval_every=50, checkpoint_every=25, keep=2)
+  pconfig.method_config(c, a.method, trainable_heads=True, warmup_steps=10)
   if a.last_layers and a.method in ('lora', 'rslora', 'dora'):
     c.model.scan_layers = False
     layers = '|'.join(str(i) for i in range(30 - a.last_layers, 30))
     c.peft.target = f'model/layers_({layers})/self_attn/(q_proj|v_proj)'
-  c.optim = dict(name='adamw', learning_rate=lr, schedule='cosine', warmup_steps=10,
-                 weight_decay=0.0, clip_norm=1.0, grad_accum_steps=1, layer_decay=0.0,
-                 unfreeze_every=0, lora_plus_ratio=0.0)
-  c.train = dict(steps=100, log_every=10, eval_every=50, checkpoint_every=25, keep=2)
-  c.mesh = dict(data=-1, fsdp=1, tensor=1)
-  c.distributed = pconfig.distributed_defaults()
   c.export = dict(adapter=True, merged=True)
 
   if a.runlocal:
-    c.data.update(max_train_examples=32, max_eval_examples=8, max_length=48, batch_size=4,
-                  eval_batch_size=8)
-    c.optim.warmup_steps = 2
-    c.train.update(steps=4, log_every=2, eval_every=2, checkpoint_every=2)
+    pconfig.runlocal(c, steps=4, every=2, max_train_examples=32, max_eval_examples=8,
+                     max_length=48, batch_size=4, eval_batch_size=8)
   return c

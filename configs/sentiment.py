@@ -24,26 +24,13 @@ def get_config(arg=None):
                 validation_fraction=0.1, max_length=48, overflow='truncate',
                 batch_size=32, eval_batch_size=256, max_train_examples=0, max_eval_examples=0)
 
-  peft = pconfig.peft_defaults(a.method)
-  lr = peft.pop('learning_rate')
-  # The new classification head is trained with every method (HF PEFT's modules_to_save).
-  c.peft = dict(method=a.method, trainable_heads=True, **peft)
-  c.optim = dict(name='adamw', learning_rate=lr, schedule='cosine', warmup_steps=20,
-                 weight_decay=0.01, clip_norm=1.0, grad_accum_steps=1, layer_decay=0.0,
-                 unfreeze_every=0, lora_plus_ratio=0.0)
   # 200 steps x 32 tweets (0.3 epoch): ~4 min on 2 CPU cores; see docs/training.md for results.
   c.train = dict(steps=200, log_every=25, eval_every=100, checkpoint_every=100, keep=2)
-  c.mesh = dict(data=-1, fsdp=1, tensor=1)
-  c.distributed = pconfig.distributed_defaults()
-  if a.method == 'adalora':
-    pconfig.adalora_schedule(c)
+  # The new classification head is trained with every method (HF PEFT's modules_to_save).
+  pconfig.method_config(c, a.method, trainable_heads=True, warmup_steps=20, weight_decay=0.01)
   c.export = dict(adapter=True, merged=False)
 
   if a.runlocal:
-    c.data.max_train_examples = 256
-    c.data.max_eval_examples = 64
-    c.data.batch_size = 8
-    c.data.eval_batch_size = 32
-    c.optim.warmup_steps = 2
-    c.train.update(steps=6, log_every=2, eval_every=3, checkpoint_every=3)
+    pconfig.runlocal(c, steps=6, every=3, max_train_examples=256, max_eval_examples=64,
+                     batch_size=8, eval_batch_size=32)
   return c

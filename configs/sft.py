@@ -30,26 +30,15 @@ def get_config(arg=None):
                 system='', max_length=128, overflow='skip', packing=True,
                 batch_size=8, eval_batch_size=16, max_train_examples=0, max_eval_examples=0)
 
-  peft = pconfig.peft_defaults(a.method)
-  lr = peft.pop('learning_rate')
-  c.peft = dict(method=a.method, trainable_heads=False, **peft)
+  c.train = dict(steps=300, log_every=20, eval_every=100, checkpoint_every=100, keep=2)
+  pconfig.method_config(c, a.method, trainable_heads=False, warmup_steps=20)
   if a.qlora and a.method in ('lora', 'rslora', 'dora'):
     c.peft.target = 'all-linear'
-  c.optim = dict(name='adamw', learning_rate=lr, schedule='cosine', warmup_steps=20,
-                 weight_decay=0.0, clip_norm=1.0, grad_accum_steps=1, layer_decay=0.0,
-                 unfreeze_every=0, lora_plus_ratio=0.0)
-  c.train = dict(steps=300, log_every=20, eval_every=100, checkpoint_every=100, keep=2)
-  c.mesh = dict(data=-1, fsdp=1, tensor=1)
-  c.distributed = pconfig.distributed_defaults()
-  if a.method == 'adalora':
-    pconfig.adalora_schedule(c)
   if a.method == 'unipelt':   # per-token gates: a sequence mean would see later tokens (and
     c.peft.update(gate_pool='token', prefix=False)   # other packed rows); no prefix gate then
   c.export = dict(adapter=True, merged=False)
 
   if a.runlocal:
-    c.data.update(max_train_examples=64, max_eval_examples=16, max_length=64, batch_size=4,
-                  eval_batch_size=8)
-    c.optim.warmup_steps = 2
-    c.train.update(steps=6, log_every=2, eval_every=3, checkpoint_every=3)
+    pconfig.runlocal(c, steps=6, every=3, max_train_examples=64, max_eval_examples=16,
+                     max_length=64, batch_size=4, eval_batch_size=8)
   return c

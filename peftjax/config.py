@@ -65,6 +65,44 @@ def peft_defaults(method: str) -> dict:
   return dict(PEFT_DEFAULTS[method], target=ml_collections.FieldReference(None, field_type=str))
 
 
+def method_config(c: ml_collections.ConfigDict, method: str, *, trainable_heads: bool,
+                  warmup_steps: int, weight_decay: float = 0.0, lr_scale: float = 1.0):
+  """Fills ``c.peft`` (the method's defaults), ``c.optim`` (AdamW, cosine schedule, at the method's
+  learning rate times ``lr_scale``), ``c.mesh`` (data parallel) and ``c.distributed``; with
+  AdaLoRA, ties its schedule to ``c.train.steps`` (set ``c.train`` first).
+
+  >>> c = ml_collections.ConfigDict(dict(train=dict(steps=10)))
+  >>> method_config(c, 'lora', trainable_heads=False, warmup_steps=2)
+  >>> c.peft.rank, c.optim.learning_rate, c.mesh.data
+  (8, 0.002, -1)
+  """
+  peft = peft_defaults(method)
+  lr = peft.pop('learning_rate') * lr_scale
+  c.peft = dict(method=method, trainable_heads=trainable_heads, **peft)
+  c.optim = dict(name='adamw', learning_rate=lr, schedule='cosine', warmup_steps=warmup_steps,
+                 weight_decay=weight_decay, clip_norm=1.0, grad_accum_steps=1, layer_decay=0.0,
+                 unfreeze_every=0, lora_plus_ratio=0.0)
+  c.mesh = dict(data=-1, fsdp=1, tensor=1)
+  c.distributed = distributed_defaults()
+  if method == 'adalora':
+    adalora_schedule(c)
+
+
+def runlocal(c: ml_collections.ConfigDict, *, steps: int, every: int, **data):
+  """Shrinks ``c`` to a smoke run (``runlocal``): ``data`` fields updated, 2 warmup steps,
+  ``steps`` steps with evaluation and checkpoints every ``every``.
+
+  >>> c = ml_collections.ConfigDict(dict(data=dict(batch_size=32), optim=dict(warmup_steps=20),
+  ...                                    train=dict(steps=200)))
+  >>> runlocal(c, steps=4, every=2, batch_size=4)
+  >>> c.data.batch_size, c.train.steps, c.train.checkpoint_every
+  (4, 4, 2)
+  """
+  c.data.update(data)
+  c.optim.warmup_steps = 2
+  c.train.update(steps=steps, log_every=2, eval_every=every, checkpoint_every=every)
+
+
 def adalora_schedule(c: ml_collections.ConfigDict):
   """Ties an AdaLoRA ``c.peft`` to ``c.train.steps``: ``total_step`` = optimizer steps (steps /
   ``grad_accum_steps``), ``tinit`` 10% and ``tfinal`` 20% of it (lazy references: overriding

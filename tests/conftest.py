@@ -113,6 +113,21 @@ def perturb(model, seed: int):
 
 
 @pytest.fixture(scope='session')
+def minilm_bert(tmp_path_factory) -> pathlib.Path:
+  """A 2-layer, 16-wide random BERT classifier with MiniLM's vocabulary and tokenizer (the
+  bundled asset), for runs of the sentiment config."""
+  from peftjax import assets
+  directory = tmp_path_factory.mktemp('minilm_bert')
+  config = transformers.BertConfig(vocab_size=30522, hidden_size=16, intermediate_size=32,
+                                   num_hidden_layers=2, num_attention_heads=2, num_labels=2,
+                                   max_position_embeddings=64)
+  transformers.BertForSequenceClassification(config).save_pretrained(directory)
+  transformers.AutoTokenizer.from_pretrained(assets.path('all-minilm-l6-v2')).save_pretrained(
+      directory)
+  return directory
+
+
+@pytest.fixture(scope='session')
 def hf_model(tmp_path_factory):
   cache = {}
 

@@ -3,7 +3,6 @@ BERT with MiniLM's tokenizer and the bundled tweets: rows, resume, failure, repo
 results.jsonl alone, one process per cell; and the sweep definition's bad inputs."""
 import doctest
 import io
-import json
 import pathlib
 import shutil
 import sys
@@ -12,35 +11,20 @@ import types
 import jax
 import pytest
 import safetensors.numpy
-import transformers
 
 ROOT = pathlib.Path(__file__).parents[2]
 sys.path.insert(0, str(ROOT))
 
 from experiments import report, run, sweep  # noqa: E402
-from peftjax import assets  # noqa: E402
 from peftjax.train import loop  # noqa: E402
 
 CONFIG = 'configs/sentiment.py:runlocal'
 
 
-@pytest.fixture(scope='module')
-def tiny_bert(tmp_path_factory):
-  """A 2-layer, 16-wide random BERT classifier with MiniLM's vocabulary and tokenizer."""
-  directory = tmp_path_factory.mktemp('tiny_bert')
-  config = transformers.BertConfig(vocab_size=30522, hidden_size=16, intermediate_size=32,
-                                   num_hidden_layers=2, num_attention_heads=2, num_labels=2,
-                                   max_position_embeddings=64)
-  transformers.BertForSequenceClassification(config).save_pretrained(directory)
-  transformers.AutoTokenizer.from_pretrained(assets.path('all-minilm-l6-v2')).save_pretrained(
-      directory)
-  return directory
-
-
-def _module(tiny_bert, cells, **extra) -> types.ModuleType:
+def _module(minilm_bert, cells, **extra) -> types.ModuleType:
   m = types.ModuleType('tiny_sweep')
   m.CONFIG = CONFIG
-  m.BASE = {'model.source': str(tiny_bert), 'data.max_train_examples': 64,
+  m.BASE = {'model.source': str(minilm_bert), 'data.max_train_examples': 64,
             'data.max_eval_examples': 32, 'data.eval_batch_size': 16, 'data.max_length': 16,
             'train.steps': 4, 'train.log_every': 1, 'train.eval_every': 2,
             'train.checkpoint_every': 2}
@@ -71,10 +55,10 @@ def compilation_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope='module')
-def ran(tiny_bert, tmp_path_factory):
+def ran(minilm_bert, tmp_path_factory):
   """The three-cell sweep run twice; cell 'method=lora,seed=0' was interrupted at step 2."""
   workdir = tmp_path_factory.mktemp('sweep')
-  s = sweep.load(_module(tiny_bert, CELLS))
+  s = sweep.load(_module(minilm_bert, CELLS))
   lora = s.cells[1]
   partial = s.build_config(lora.overrides)
   partial.train.steps = 2                           # an interrupted cell: checkpoint at step 2
@@ -146,10 +130,10 @@ def test_table_and_plot_from_results_jsonl_alone(ran, tmp_path):
   assert (ran.workdir / 'table.md').read_text() == text   # the runner wrote the same table
 
 
-def test_one_process_per_cell(tiny_bert, tmp_path):
+def test_one_process_per_cell(minilm_bert, tmp_path):
   """The cell runs in a child process that appends its own row (a fast-failing cell)."""
   module = tmp_path / 'one_cell.py'
-  base = _module(tiny_bert, []).BASE
+  base = _module(minilm_bert, []).BASE
   module.write_text(f'CONFIG = {CONFIG!r}\nBASE = {base!r}\n'
                     f'def get_sweep(arg=None):\n  return [{CELLS[0]!r}]\n')
   out = io.StringIO()
@@ -160,36 +144,36 @@ def test_one_process_per_cell(tiny_bert, tmp_path):
   assert (tmp_path / 'sweep' / 'cells' / rows[0]['cell'] / 'process.log').is_file()
 
 
-def test_a_key_that_is_no_config_field_is_named(tiny_bert):
+def test_a_key_that_is_no_config_field_is_named(minilm_bert):
   with pytest.raises(ValueError, match=r"cell 1 \{'peft.rnak': 4\}: 'peft.rnak' is not a config "
                      r'field of configs/sentiment.py \(nearest: peft.rank'):
-    sweep.load(_module(tiny_bert, [{'peft.rank': 4}, {'peft.rnak': 4}]))
+    sweep.load(_module(minilm_bert, [{'peft.rank': 4}, {'peft.rnak': 4}]))
   with pytest.raises(ValueError, match=r"cell 0 \{'arg.methd': 'dora'\}: unknown config argument "
                      r"'methd'"):
-    sweep.load(_module(tiny_bert, [{'arg.methd': 'dora'}]))
+    sweep.load(_module(minilm_bert, [{'arg.methd': 'dora'}]))
   with pytest.raises(ValueError, match=r"'train' is not a config field"):
-    sweep.load(_module(tiny_bert, [{'train': 3}]))
+    sweep.load(_module(minilm_bert, [{'train': 3}]))
   with pytest.raises(TypeError, match=r"cell 0 .*: train.steps='many'"):
-    sweep.load(_module(tiny_bert, [{'train.steps': 'many'}]))
+    sweep.load(_module(minilm_bert, [{'train.steps': 'many'}]))
 
 
-def test_identical_cells_are_refused(tiny_bert):
+def test_identical_cells_are_refused(minilm_bert):
   cells = sweep.product(sweep.sweep('arg.method', ['lora', 'dora', 'lora']), sweep.seeds(1))
   with pytest.raises(ValueError, match=r"cells 0 and 2 have identical overrides "
                      r"\{'arg.method': 'lora', 'seed': 0\}"):
-    sweep.load(_module(tiny_bert, cells))
+    sweep.load(_module(minilm_bert, cells))
   with pytest.raises(ValueError, match=r"cells 0 and 1 map to the same directory 'seed=1'"):
-    sweep.load(_module(tiny_bert, [{'seed': 1}, {'seed': '1'}]))
+    sweep.load(_module(minilm_bert, [{'seed': 1}, {'seed': '1'}]))
   with pytest.raises(ValueError, match=r"product: key 'seed' is set by two of the grids"):
     sweep.product(sweep.seeds(2), sweep.seeds(2))
   with pytest.raises(ValueError, match=r'zipit: grids of different lengths \[2, 3\]'):
     sweep.zipit(sweep.seeds(2), sweep.sweep('peft.rank', [1, 2, 3]))
 
 
-def test_a_directory_of_another_sweep_definition_is_refused(tiny_bert, tmp_path):
-  run.pin(sweep.load(_module(tiny_bert, [{'seed': 0}])), tmp_path)
-  run.pin(sweep.load(_module(tiny_bert, [{'seed': 0}, {'seed': 1}])), tmp_path)  # cells added
-  other = _module(tiny_bert, [{'seed': 0}])
+def test_a_directory_of_another_sweep_definition_is_refused(minilm_bert, tmp_path):
+  run.pin(sweep.load(_module(minilm_bert, [{'seed': 0}])), tmp_path)
+  run.pin(sweep.load(_module(minilm_bert, [{'seed': 0}, {'seed': 1}])), tmp_path)  # cells added
+  other = _module(minilm_bert, [{'seed': 0}])
   other.BASE = {**other.BASE, 'train.steps': 5}
   with pytest.raises(ValueError, match=r"holds sweep results of another definition \(base: .*"
                      r"'train.steps': 4.* -> .*'train.steps': 5"):

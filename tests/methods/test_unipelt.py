@@ -9,9 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import transformers
 
-from peftjax import assets, methods, tree
+from peftjax import methods, tree
 from peftjax.methods import prefix
 from peftjax.train import loop
 
@@ -183,26 +182,20 @@ def test_bad_inputs_are_named(flax_model, zoo):
 
 
 @pytest.fixture(scope='module')
-def tiny_run(tmp_path_factory):
-  """A 2-layer random BERT classifier with MiniLM's tokenizer, and an easy labelled CSV."""
+def tiny_run(minilm_bert, tmp_path_factory):
+  """The tiny MiniLM-vocabulary BERT and an easy labelled CSV."""
   root = tmp_path_factory.mktemp('unipelt_run')
-  config = transformers.BertConfig(vocab_size=30522, hidden_size=16, intermediate_size=32,
-                                   num_hidden_layers=2, num_attention_heads=2, num_labels=2,
-                                   max_position_embeddings=64)
-  transformers.BertForSequenceClassification(config).save_pretrained(root / 'bert')
-  transformers.AutoTokenizer.from_pretrained(assets.path('all-minilm-l6-v2')).save_pretrained(
-      root / 'bert')
   rows = ['text,label'] + ['what a great good movie,1', 'i love it so much,1',
                            'an awful bad film,0', 'i hate this boring thing,0'] * 16
   (root / 'data.csv').write_text('\n'.join(rows) + '\n')
   return root
 
 
-def test_runlocal_sentiment_config_trains(tiny_run, tmp_path, monkeypatch):
+def test_runlocal_sentiment_config_trains(tiny_run, minilm_bert, tmp_path, monkeypatch):
   monkeypatch.syspath_prepend(str(ROOT))
   from configs import sentiment
   c = sentiment.get_config('method=unipelt,runlocal')
-  c.model.source, c.data.source = str(tiny_run / 'bert'), str(tiny_run / 'data.csv')
+  c.model.source, c.data.source = str(minilm_bert), str(tiny_run / 'data.csv')
   c.data.update(max_length=16, validation_fraction=0.25)
   c.peft.update(bottleneck=4, encoder_hidden_size=16)
   c.optim.learning_rate = 5e-2      # a tiny random BERT: its outputs barely move at 2e-3

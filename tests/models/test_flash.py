@@ -57,35 +57,6 @@ def with_config(m, **changes):
   return registry.build(config, 'causal_lm' if config.is_decoder else 'base'), config
 
 
-@pytest.mark.parametrize('name,scan', [('llama_gqa', True), ('mistral_window', False),
-                                       ('gpt2', False), ('bert', False)])
-def test_models_flash_equals_einsum_with_prefix(name, scan, flax_model, zoo, small_blocks):
-  """Left-padded batch with a partly masked prefix: logits and parameter gradients."""
-  m = flax_model(name, 'causal_lm' if name != 'bert' else 'base', scan_layers=scan)
-  ids, mask, _ = zoo.left_padded_batch()
-  cfg = m.config
-  rng = np.random.default_rng(0)
-  shape = (cfg.num_layers, 3, 4, cfg.num_kv_heads, cfg.head_dim)
-  kv = tuple(jnp.asarray(rng.normal(size=shape), jnp.float32) for _ in 'kv')
-  pmask = jnp.asarray([[1, 1, 1, 1], [0, 1, 1, 1], [1, 0, 1, 0]])
-
-  def run(impl):
-    module, _ = with_config(m, attention_impl=impl)
-
-    def loss(params):
-      out = module.apply({'params': params}, ids, attention_mask=mask, prefix_kv=kv,
-                         prefix_mask=pmask)
-      y = out.logits if out.logits is not None else out.hidden
-      return jnp.sum(jnp.where(mask[..., None] == 1, y, 0) ** 2) / y.size, y
-    return jax.jit(jax.value_and_grad(loss, has_aux=True))(m.params)
-
-  (l_ref, y_ref), g_ref = run('einsum')
-  (l_got, y_got), g_got = run('flash')
-  assert zoo.max_diff_at(y_got, y_ref, mask) < TOL
-  assert abs(float(l_got - l_ref)) < TOL
-  assert_close_tree(g_got, g_ref)
-
-
 def test_packed_rows_with_virtual_tokens(flax_model, small_blocks):
   """Segment ids 1..k (0 = pad) and prompt embeddings visible to every segment."""
   m = flax_model('llama_gqa')
