@@ -241,6 +241,7 @@ def jax_worker(args, ids: np.ndarray) -> dict:
   compile_s = time.perf_counter() - t0
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  mem = compiled.memory_analysis()
 
   def run_step():
     nonlocal state
@@ -252,7 +253,9 @@ def jax_worker(args, ids: np.ndarray) -> dict:
     with jax.profiler.trace(args.profile, create_perfetto_trace=True):
       run_step(), run_step()
   out = dict(load_s=load_s, compile_s=compile_s, step_times=times, first_loss=first_loss,
-             base_mib=quant.nbytes(params) / 2**20, xla_flops=float(cost['flops']), backend=jax.default_backend(),
+             base_mib=quant.nbytes(params) / 2**20, xla_flops=float(cost['flops']),
+             xla_args_mib=mem.argument_size_in_bytes / 2**20,
+             xla_temp_mib=mem.temp_size_in_bytes / 2**20, backend=jax.default_backend(),
              xla_loops=args.scan_layers or ids.size > args.loss_chunk,
              trainable=int(sum(x.size for x in jax.tree.leaves(state.adapter))),
              **memory_report(rss_after_load))
@@ -382,11 +385,14 @@ def format_table(rows: list[dict]) -> str:
   qlora = [r for r in rows if 'time_vs_lora' in r]
   if qlora:
     lines += ['', '| config | base MiB LoRA / QLoRA (NF4+DQ) | base smaller | QLoRA s/step vs LoRA |'
-              ' peak RSS MiB LoRA / QLoRA |', '|---|---|---|---|---|']
+              ' compiled step arguments MiB LoRA / QLoRA | temporaries MiB LoRA / QLoRA |'
+              ' peak RSS MiB LoRA / QLoRA |', '|---|---|---|---|---|---|---|']
     for r in qlora:
       l = next(x for x in rows if x['framework'] == 'jax' and x['config'] == r['config'])
       lines.append(f"| {r['config']} | {l['base_mib']:.0f} / {r['base_mib']:.0f} | "
                    f"{r['base_smaller']:.2f}x | {r['time_vs_lora']:.2f} | "
+                   f"{l['xla_args_mib']:.0f} / {r['xla_args_mib']:.0f} | "
+                   f"{l['xla_temp_mib']:.0f} / {r['xla_temp_mib']:.0f} | "
                    f"{l['process_peak_rss_mib']:.0f} / {r['process_peak_rss_mib']:.0f} |")
   if any(r.get('xla_loops') for r in rows):
     lines.append('\n\\* XLA counts a loop body once (scanned layers, several loss chunks): a lower bound.')

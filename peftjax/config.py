@@ -81,7 +81,7 @@ def method_config(c: ml_collections.ConfigDict, method: str, *, trainable_heads:
   c.peft = dict(method=method, trainable_heads=trainable_heads, **peft)
   c.optim = dict(name='adamw', learning_rate=lr, schedule='cosine', warmup_steps=warmup_steps,
                  weight_decay=weight_decay, clip_norm=1.0, grad_accum_steps=1, layer_decay=0.0,
-                 unfreeze_every=0, lora_plus_ratio=0.0)
+                 unfreeze_every=0, lora_plus_ratio=0.0, lr_multipliers='')
   c.mesh = dict(data=-1, fsdp=1, tensor=1)
   c.distributed = distributed_defaults()
   if method == 'adalora':

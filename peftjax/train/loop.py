@@ -121,14 +121,17 @@ def _run(config, run_dir: rundir.RunDir) -> dict:
   pre = dataclasses.replace(pre, params=None)   # one reference to the base params
   if task.prepare is not None:   # e.g. DPO's reference log-probs, computed once and cached
     train_ds, eval_ds = task.prepare(config, pre, params, (train_ds, eval_ds), mesh)
+  multipliers = optim.parse_multipliers(config.optim.get('lr_multipliers'))
   optimizer = optim.make_optimizer(
       {**config.optim.to_dict(), 'total_steps': config.train.steps,
        'num_layers': pre.config.num_layers,
        'lr_multipliers': ({'lora_B': config.optim.lora_plus_ratio}
-                          if config.optim.lora_plus_ratio else None)})
+                          if config.optim.lora_plus_ratio else None),
+       'path_lr_multipliers': multipliers})
   rng = jax.random.key(config.seed)
   state, state_shardings = state_lib.init_train_state(
       method.init, optimizer, rng, params, base_axes, mesh, rules, init_state=method.init_state)
+  optim.check_multipliers(multipliers, state.adapter)
 
   checkpointer = run_dir.checkpointer(save_every=config.train.checkpoint_every,
                                       keep=config.train.keep)

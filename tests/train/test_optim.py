@@ -88,6 +88,30 @@ def test_lora_plus_multiplier():
   np.testing.assert_allclose(updates['q']['lora_B'], -1.6, rtol=1e-6)
 
 
+def test_path_multipliers_scale_the_matching_leaves():
+  params = {'classifier': {'kernel': jnp.ones(2)}, 'prefix_encoder': {'embedding': jnp.ones(2)}}
+  tx = optim.make_optimizer({'name': 'sgd', 'learning_rate': 0.1, 'total_steps': 10,
+                             'schedule': 'constant',
+                             'path_lr_multipliers': optim.parse_multipliers('classifier/=10')})
+  updates, _ = tx.update(params, tx.init(params), params)
+  np.testing.assert_allclose(updates['classifier']['kernel'], -1.0, rtol=1e-6)
+  np.testing.assert_allclose(updates['prefix_encoder']['embedding'], -0.1)
+
+
+@pytest.mark.parametrize('spec', ['classifier', 'classifier=fast', '=10', 'cl(assifier=2'])
+def test_malformed_multipliers_are_named(spec):
+  with pytest.raises(ValueError, match=rf'config.optim.lr_multipliers: .* is not REGEX=FACTOR'):
+    optim.parse_multipliers(spec)
+
+
+def test_a_multiplier_matching_nothing_is_refused():
+  trainable = {'classifier': {'kernel': jnp.ones(2)}, 'q': {'lora_A': jnp.ones(2)}}
+  optim.check_multipliers({'lora_A': 2.0}, trainable)
+  with pytest.raises(ValueError, match="'clasifier' matches no trainable parameter; trainable: "
+                                       "classifier/kernel, q/lora_A"):
+    optim.check_multipliers({'clasifier': 2.0}, trainable)
+
+
 @pytest.mark.parametrize('name', ['adamw', 'adafactor', 'sgd'])
 def test_make_optimizer_runs_with_all_options(name):
   params = {'embed_tokens': jnp.ones((4, 2)), 'layers_0': {'q': {'lora_A': jnp.ones((2, 2)), 'lora_B': jnp.ones((2, 2))}}}
