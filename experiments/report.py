@@ -211,10 +211,10 @@ def plot(rows, path, metric: str | None = None, x: str | None = None,
     cax.set_xlabel('step')
     cax.set_ylabel(curve + ' (mean over seeds)')
     cax.grid(alpha=0.3)
-    cax.legend(fontsize=7, ncol=2)
+    cax.legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.02, 1), borderaxespad=0)   # outside
   fig.suptitle(title or (rows[0].get('sweep', '') if rows else ''))
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  fig.savefig(path, dpi=110, bbox_inches='tight')
   plt.close(fig)
   return path
 
