@@ -12,7 +12,7 @@ from __future__ import annotations
 import ml_collections
 
 # Hyper-parameters per method name (``peftjax.methods.get`` kwargs) plus the learning rate the
-# configs use unless told otherwise. Targets default to HF PEFT's per-family defaults.
+# configs use unless told otherwise (and ``head_lr_multiplier``: a trained head's factor on it). Targets default to HF PEFT's per-family defaults.
 PEFT_DEFAULTS = {
     'full': dict(learning_rate=5e-5),
     'bitfit': dict(learning_rate=1e-3),
@@ -29,8 +29,11 @@ PEFT_DEFAULTS = {
     'prompt': dict(num_virtual_tokens=20, learning_rate=3e-2),
     'ptuning': dict(num_virtual_tokens=20, encoder_hidden_size=128, learning_rate=1e-3),
     # prefix: at 1e-2 Adam grows the projected prefix from std 0.27 to 4.4 in 10 steps (MiniLM's
-    # keys ~1, values ~0.6) and attention collapses onto it (docs/methods.md)
-    'prefix': dict(num_virtual_tokens=20, projection=True, learning_rate=1e-3),
+    # keys ~1, values ~0.6) and attention collapses onto it; at 1e-3 the values still reach 2-3x
+    # the model's in 200 steps and the classifier stays at the majority class. 3e-4 with the
+    # head at 10x learns (docs/methods.md).
+    'prefix': dict(num_virtual_tokens=20, projection=True, learning_rate=3e-4,
+                   head_lr_multiplier=10.0),
     'ptuning_v2': dict(num_virtual_tokens=20, learning_rate=1e-2),
     # the paper's r, prefix length and MLP width; bottleneck 24 = hidden / 16 on MiniLM
     # (``lora``/``prefix``/``adapter`` switch its parts, ``gated=False``: no gates)
@@ -38,6 +41,11 @@ PEFT_DEFAULTS = {
                     projection=True, gate_pool='mean', lora=True, prefix=True, adapter=True,
                     gated=True, learning_rate=2e-3),
 }
+
+
+# The classification / reward heads (bert's ``classifier``, llama's and gpt2's ``score``), as a
+# regex of parameter paths (``optim.lr_multipliers``).
+HEADS = '(^|/)(classifier|score)/'
 
 
 def parse_arg(arg: str | None, **defaults) -> dict:
@@ -68,8 +76,9 @@ def peft_defaults(method: str) -> dict:
 def method_config(c: ml_collections.ConfigDict, method: str, *, trainable_heads: bool,
                   warmup_steps: int, weight_decay: float = 0.0, lr_scale: float = 1.0):
   """Fills ``c.peft`` (the method's defaults), ``c.optim`` (AdamW, cosine schedule, at the method's
-  learning rate times ``lr_scale``), ``c.mesh`` (data parallel) and ``c.distributed``; with
-  AdaLoRA, ties its schedule to ``c.train.steps`` (set ``c.train`` first).
+  learning rate times ``lr_scale``; a trained head at the method's ``head_lr_multiplier`` times
+  that), ``c.mesh`` (data parallel) and ``c.distributed``; with AdaLoRA, ties its schedule to
+  ``c.train.steps`` (set ``c.train`` first).
 
   >>> c = ml_collections.ConfigDict(dict(train=dict(steps=10)))
   >>> method_config(c, 'lora', trainable_heads=False, warmup_steps=2)
@@ -78,10 +87,12 @@ def method_config(c: ml_collections.ConfigDict, method: str, *, trainable_heads:
   """
   peft = peft_defaults(method)
   lr = peft.pop('learning_rate') * lr_scale
+  head = peft.pop('head_lr_multiplier', None)
   c.peft = dict(method=method, trainable_heads=trainable_heads, **peft)
   c.optim = dict(name='adamw', learning_rate=lr, schedule='cosine', warmup_steps=warmup_steps,
                  weight_decay=weight_decay, clip_norm=1.0, grad_accum_steps=1, layer_decay=0.0,
-                 unfreeze_every=0, lora_plus_ratio=0.0, lr_multipliers='')
+                 unfreeze_every=0, lora_plus_ratio=0.0,
+                 lr_multipliers=f'{HEADS}={head}' if head and trainable_heads else '')
   c.mesh = dict(data=-1, fsdp=1, tensor=1)
   c.distributed = distributed_defaults()
   if method == 'adalora':

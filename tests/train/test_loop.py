@@ -147,13 +147,13 @@ def _configs_importable(monkeypatch):
   monkeypatch.syspath_prepend(str(ROOT))
 
 
-@pytest.mark.parametrize('method', ['lora', 'bitfit', 'ia3', 'houlsby', 'ptuning'])
+@pytest.mark.parametrize('method', ['lora', 'bitfit', 'ia3', 'houlsby', 'ptuning', 'prefix'])
 def test_runlocal_trains_evaluates_and_exports(tiny, tmp_path, method):
   c = _config(tiny, method)
   c.export.merged = True
   final = loop.run(c, tmp_path)
   assert set(final) == {'loss', 'accuracy', 'f1_macro'}
-  if method in ('houlsby', 'ptuning'):   # added layers / virtual tokens: nothing to merge
+  if method in ('houlsby', 'ptuning', 'prefix'):   # added layers / virtual tokens: no merge
     assert not (tmp_path / 'merged').exists()
   else:
     merged = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / 'merged')
@@ -167,7 +167,8 @@ def test_runlocal_trains_evaluates_and_exports(tiny, tmp_path, method):
   exported = sorted(p.name for p in (tmp_path / 'adapter').iterdir())
   hf_files = ['adapter_config.json', 'adapter_model.safetensors']
   assert exported == {'lora': hf_files + ['peftjax_base.json'], 'ia3': hf_files + ['peftjax_base.json'],
-                      'ptuning': hf_files}.get(method, ['peftjax_adapter.safetensors'])
+                      'ptuning': hf_files, 'prefix': hf_files}.get(
+                          method, ['peftjax_adapter.safetensors'])
   if method == 'ptuning':   # the folded P-tuning prompts load in HF PEFT, head included
     hf = json.loads((tmp_path / 'adapter' / 'adapter_config.json').read_text())
     assert (hf['peft_type'], hf['task_type'], hf['modules_to_save']) == \
