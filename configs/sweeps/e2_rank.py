@@ -1,6 +1,8 @@
 """E2, rank scaling (rsLoRA, Kalajdzievski 2023): SFT of SmolLM2-135M-Instruct on the chatterbot
-pairs, LoRA (scale alpha/r) against rsLoRA (alpha/sqrt(r)) at ranks 4, 16, 64, 256 on q_proj and
-v_proj, alpha 16 and one learning rate per scaling rule (the same at every rank).
+pairs, LoRA (scale alpha/r) against rsLoRA (alpha/sqrt(r)) at ranks 4, 16, 64 and 192 on q_proj
+and v_proj, alpha 16 and one learning rate per scaling rule (the same at every rank). 192, not the
+issue's 256: SmolLM2's v_proj has 192 outputs (3 KV heads x 64), and a rank above min(in, out)
+is refused (it adds parameters, not rank).
 
   python -m experiments.run e2_rank                 # 1 seed
   python -m experiments.run e2_rank:seeds=3
@@ -24,4 +26,4 @@ REPORT = {'metrics': ['loss', 'perplexity'], 'x': 'peft.rank', 'curve': 'train/l
 def get_sweep(arg=None):
   a = pconfig.parse_arg(arg, seeds=1)
   return sweep.product(sweep.sweep('arg.method', ['lora', 'rslora']),
-                       sweep.sweep('peft.rank', [4, 16, 64, 256]), sweep.seeds(a['seeds']))
+                       sweep.sweep('peft.rank', [4, 16, 64, 192]), sweep.seeds(a['seeds']))
