@@ -124,53 +124,6 @@ def discriminative_lr(factor: float = 2.6, num_layers: int | None = None) -> opt
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
 
 
-def _path(key_path) -> str:
-  return '/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in key_path)
-
-
-def path_labels(patterns) -> Callable[[Any], Any]:
-  """A label function for `scale_by_label`: a leaf's label is the first regex of ``patterns``
-  that ``re.search``es its '/'-joined path (None, multiplier 1, when none does).
-
-  >>> path_labels(['classifier', 'prefix'])({'classifier': {'kernel': 0}, 'q': {'lora_A': 0}})
-  {'classifier': {'kernel': 'classifier'}, 'q': {'lora_A': None}}
-  """
-  compiled = [(p, re.compile(p)) for p in patterns]
-  return lambda tree: jax.tree_util.tree_map_with_path(
-      lambda path, _: next((p for p, c in compiled if c.search(_path(path))), None), tree)
-
-
-def parse_multipliers(spec: str, *, name: str = 'config.optim.lr_multipliers') -> dict:
-  """``'REGEX=FACTOR,...'`` -> ``{REGEX: FACTOR}`` (learning-rate multipliers by parameter path,
-  e.g. ``'classifier=10'``: the head learns 10x faster); ``name`` goes into errors.
-
-  >>> parse_multipliers('classifier=10,prefix_encoder/transform=0.5')
-  {'classifier': 10.0, 'prefix_encoder/transform': 0.5}
-  """
-  out = {}
-  for item in filter(None, (spec or '').split(',')):
-    pattern, sep, factor = item.rpartition('=')
-    try:
-      out[pattern] = float(factor)
-      re.compile(pattern)
-      if not sep or not pattern:
-        raise ValueError
-    except (ValueError, re.error):
-      raise ValueError(f'{name}: {item!r} is not REGEX=FACTOR (a regex of parameter paths and '
-                       f'a number), in {spec!r}') from None
-  return out
-
-
-def check_multipliers(multipliers: Mapping[str, float], trainable, *,
-                      name: str = 'config.optim.lr_multipliers'):
-  """Refuses a pattern that matches no trainable leaf (a typo would otherwise do nothing)."""
-  paths = [_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(trainable)[0]]
-  for pattern in multipliers:
-    if not any(re.search(pattern, p) for p in paths):
-      raise ValueError(f'{name}: {pattern!r} matches no trainable parameter; trainable: '
-                       f'{", ".join(paths[:12])}{" ..." if len(paths) > 12 else ""}')
-
-
 class UnfreezeState(NamedTuple):
   count: jax.Array
   inner_state: Any
@@ -227,10 +180,6 @@ def scale_by_label(label_fn: Callable[[Any], Any], multipliers: Mapping[str, flo
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
 
 
-def _path(key_path) -> str:
-  return '/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in key_path)
-
-
 def path_labels(patterns) -> Callable[[Any], Any]:
   """A label function for `scale_by_label`: a leaf's label is the first regex of ``patterns``
   that ``re.search``es its '/'-joined path (None, multiplier 1, when none does).
@@ -240,7 +189,7 @@ def path_labels(patterns) -> Callable[[Any], Any]:
   """
   compiled = [(p, re.compile(p)) for p in patterns]
   return lambda tree: jax.tree_util.tree_map_with_path(
-      lambda path, _: next((p for p, c in compiled if c.search(_path(path))), None), tree)
+      lambda path, _: next((p for p, c in compiled if c.search(_path_str(path))), None), tree)
 
 
 def parse_multipliers(spec: str, *, name: str = 'config.optim.lr_multipliers') -> dict:
@@ -267,7 +216,7 @@ def parse_multipliers(spec: str, *, name: str = 'config.optim.lr_multipliers') -
 def check_multipliers(multipliers: Mapping[str, float], trainable, *,
                       name: str = 'config.optim.lr_multipliers'):
   """Refuses a pattern that matches no trainable leaf (a typo would otherwise do nothing)."""
-  paths = [_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(trainable)[0]]
+  paths = [_path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(trainable)[0]]
   for pattern in multipliers:
     if not any(re.search(pattern, p) for p in paths):
       raise ValueError(f'{name}: {pattern!r} matches no trainable parameter; trainable: '
