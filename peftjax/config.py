@@ -84,6 +84,9 @@ def method_config(c: ml_collections.ConfigDict, method: str, *, trainable_heads:
   >>> method_config(c, 'lora', trainable_heads=False, warmup_steps=2)
   >>> c.peft.rank, c.optim.learning_rate, c.mesh.data
   (8, 0.002, -1)
+  >>> method_config(c, 'prefix', trainable_heads=True, warmup_steps=2)
+  >>> c.optim.learning_rate, c.optim.lr_multipliers
+  (0.0003, '(^|/)(classifier|score)/=10.0')
   """
   peft = peft_defaults(method)
   lr = peft.pop('learning_rate') * lr_scale
