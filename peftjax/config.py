@@ -12,7 +12,8 @@ from __future__ import annotations
 import ml_collections
 
 # Hyper-parameters per method name (``peftjax.methods.get`` kwargs) plus the learning rate the
-# configs use unless told otherwise (and ``head_lr_multiplier``: a trained head's factor on it). Targets default to HF PEFT's per-family defaults.
+# configs use unless told otherwise (and ``head_lr_multiplier``: a trained head's factor on it).
+# Targets default to HF PEFT's per-family defaults.
 PEFT_DEFAULTS = {
     'full': dict(learning_rate=5e-5),
     'bitfit': dict(learning_rate=1e-3),

@@ -203,10 +203,10 @@ def parse_multipliers(spec: str, *, name: str = 'config.optim.lr_multipliers') -
   for item in filter(None, (spec or '').split(',')):
     pattern, sep, factor = item.rpartition('=')
     try:
-      out[pattern] = float(factor)
-      re.compile(pattern)
-      if not sep or not pattern:
+      if not (sep and pattern):
         raise ValueError
+      re.compile(pattern)
+      out[pattern] = float(factor)
     except (ValueError, re.error):
       raise ValueError(f'{name}: {item!r} is not REGEX=FACTOR (a regex of parameter paths and '
                        f'a number), in {spec!r}') from None
