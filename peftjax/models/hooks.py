@@ -99,8 +99,8 @@ def write_prefix(cache: layers.KVCache, prefix_kv, prefix_mask) -> layers.KVCach
   p = k.shape[2]
   valid = (jnp.ones((cache.mask.shape[0], p), bool) if prefix_mask is None
            else prefix_mask.astype(bool))
-  write = lambda buf, a: jax.lax.dynamic_update_slice_in_dim(buf, a.astype(buf.dtype),
-                                                             cache.index, axis=1)
+  write = lambda buf, a: jax.lax.dynamic_update_slice_in_dim(
+      buf, jnp.swapaxes(a, 1, 2).astype(buf.dtype), cache.index, axis=2)
   return cache.replace(
       k=tuple(map(write, cache.k, k)), v=tuple(map(write, cache.v, v)),
       mask=jax.lax.dynamic_update_slice_in_dim(cache.mask, valid, cache.index, axis=1),

@@ -205,9 +205,10 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
 
 @struct.dataclass
 class KVCache:
-  """Keys/values: tuples with one ``[batch, max_len, kv_heads, head_dim]`` array per layer
+  """Keys/values: tuples with one ``[batch, kv_heads, max_len, head_dim]`` array per layer
   (separate buffers, so a decode step writes its token into each in place: a stacked
-  ``[layers, ...]`` array is sliced and re-stacked, a copy of the whole cache per step), the
+  ``[layers, ...]`` array is sliced and re-stacked, a copy of the whole cache per step; heads
+  before slots, the layout attention's matmuls read, so no step copies the cache transposed), the
   valid-slot ``mask`` ``[batch, max_len]``, the next write slot ``index`` and the next position
   id per row ``pos``.
 
@@ -230,10 +231,10 @@ def init_cache(config, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
   >>> config = llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
   ...                            num_layers=2, num_heads=4, num_kv_heads=2)
   >>> cache = init_cache(config, batch=2, max_len=16)
-  >>> len(cache.k), cache.k[0].shape     # layers; [batch, max_len, kv_heads, head_dim]
-  (2, (2, 16, 2, 8))
+  >>> len(cache.k), cache.k[0].shape     # layers; [batch, kv_heads, max_len, head_dim]
+  (2, (2, 2, 16, 8))
   """
-  shape = (batch, max_len, config.num_kv_heads, config.head_dim)
+  shape = (batch, config.num_kv_heads, max_len, config.head_dim)
   zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
   return KVCache(k=zeros(), v=zeros(),
                  mask=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32),
@@ -340,23 +341,26 @@ def check_attention_impl(impl: str) -> None:
         f'attention_impl {impl!r} is not supported; supported: {", ".join(ATTENTION_IMPLS)}')
 
 
-def einsum_attention(q, k, v, mask, *, dropout_rate=0.0, dropout_rng=None):
+def einsum_attention(q, k, v, mask, *, heads_first=False, dropout_rate=0.0, dropout_rng=None):
   """The reference: softmax attention in float32 with grouped KV heads (no key/value
   repetition), and attention dropout.
 
-  q [b, t, heads, d]; k, v [b, s, kv_heads, d]; mask bool [b, t, s] -> [b, t, heads, d]."""
+  q [b, t, heads, d]; k, v [b, s, kv_heads, d] (``heads_first``: [b, kv_heads, s, d], the
+  ``KVCache`` layout); mask bool [b, t, s] -> [b, t, heads, d]."""
   b, t, h, d = q.shape
-  kvh = k.shape[2]
+  kvh, kv = (k.shape[1], 'bksd') if heads_first else (k.shape[2], 'bskd')
   q = q.reshape(b, t, kvh, h // kvh, d)
-  scores = jnp.einsum('btkgd,bskd->bkgts', q, k, preferred_element_type=jnp.float32)
+  scores = jnp.einsum(f'btkgd,{kv}->bkgts', q, k, preferred_element_type=jnp.float32)
   scores = scores.astype(jnp.float32) / math.sqrt(d)
   scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   if dropout_rng is not None and dropout_rate > 0:
     keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
     probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0).astype(v.dtype)
-  out = jnp.einsum('bkgts,bskd->btkgd', probs, v)
-  return out.reshape(b, t, h, d)
+  # Heads-first output, transposed after: asked for [b, t, ...] directly, XLA:CPU computes the
+  # dot transposed, 13x slower at decode (batch 8, 170 slots; docs/benchmarks.md).
+  out = jnp.einsum(f'bkgts,{kv}->bkgtd', probs, v)
+  return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, h, d)
 
 
 def dot_product_attention(q, k, v, mask, *, impl='auto', dropout_rate=0.0, dropout_rng=None):
@@ -397,20 +401,28 @@ def attend(q, k, v, ctx: AttentionContext, layer_cache=None, layer_prefix=None, 
   (no cache: ``ctx.mask`` has their columns first), and attends.
 
   ``ctx.impl == 'flash'`` runs `flash.flash_attention` on ``ctx.spec``, except with active
-  attention dropout (the einsum reference on the dense mask).
+  attention dropout (the einsum reference on the dense mask). With a cache, the XLA path is the
+  einsum attention on the cache's own layout (``KVCache``); cuDNN and flash get the keys and
+  values transposed back.
 
   Returns ``(out [b, t, heads, d], new layer_cache or None)``."""
+  dropout = dropout_rng is not None and dropout_rate > 0
   if layer_cache is not None:
-    ck, cv = layer_cache
-    k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), ctx.index, axis=1)
-    v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), ctx.index, axis=1)
-    layer_cache = (k, v)
+    write = lambda buf, a: jax.lax.dynamic_update_slice_in_dim(
+        buf, jnp.swapaxes(a, 1, 2).astype(buf.dtype), ctx.index, axis=2)
+    layer_cache = (write(layer_cache[0], k), write(layer_cache[1], v))
+    k, v = (a.astype(q.dtype) for a in layer_cache)
+    cudnn = ctx.impl == 'cudnn' or (ctx.impl == 'auto' and cudnn_accepts(q, jnp.swapaxes(k, 1, 2)))
+    if dropout or not (cudnn or ctx.impl == 'flash'):
+      mask = ctx.spec.dense() if ctx.mask is None else ctx.mask
+      return einsum_attention(q, k, v, mask, heads_first=True, dropout_rate=dropout_rate,
+                              dropout_rng=dropout_rng), layer_cache
+    k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
   if layer_prefix is not None:
     pk, pv = layer_prefix
     k = jnp.concatenate([pk.astype(k.dtype), k], axis=1)
     v = jnp.concatenate([pv.astype(v.dtype), v], axis=1)
   k, v = k.astype(q.dtype), v.astype(q.dtype)
-  dropout = dropout_rng is not None and dropout_rate > 0
   if ctx.impl == 'flash' and not dropout:
     return flash.flash_attention(q, k, v, ctx.spec), layer_cache
   mask = ctx.spec.dense() if ctx.mask is None else ctx.mask
