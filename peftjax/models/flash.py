@@ -54,17 +54,20 @@ class MaskSpec:
   causal: bool = struct.field(pytree_node=False, default=False)
   window: int | None = struct.field(pytree_node=False, default=None)
 
-  def tile(self, q_slot, k_slot, kv_valid, q_seg=None, k_seg=None) -> Array:
-    """The mask [batch, len(q_slot), len(k_slot)] of these queries and keys."""
-    allowed = jnp.ones((q_slot.shape[0], k_slot.shape[0]), bool)
+  def tile(self, q_slot, k_slot, kv_valid, q_seg=None, k_seg=None, keys_first=False) -> Array:
+    """The mask [batch, len(q_slot), len(k_slot)] of these queries and keys (``keys_first``:
+    [batch, len(k_slot), len(q_slot)], built so, not transposed)."""
+    qa = (lambda a: a[..., None, :]) if keys_first else (lambda a: a[..., :, None])
+    ka = (lambda a: a[..., :, None]) if keys_first else (lambda a: a[..., None, :])
+    mask = ka(kv_valid)
     if self.causal:
-      allowed = k_slot[None, :] <= q_slot[:, None]
+      mask = mask & (ka(k_slot) <= qa(q_slot))
     if self.window:
-      allowed = allowed & (k_slot[None, :] > q_slot[:, None] - self.window)
-    mask = kv_valid[:, None, :] & allowed[None]
+      mask = mask & (ka(k_slot) > qa(q_slot) - self.window)
     if q_seg is not None:
-      mask = mask & ((q_seg[:, :, None] == k_seg[:, None, :]) | (k_seg[:, None, :] < 0))
-    return mask
+      mask = mask & ((qa(q_seg) == ka(k_seg)) | (ka(k_seg) < 0))
+    return jnp.broadcast_to(mask, mask.shape[:1] + (
+        (k_slot.shape[0], q_slot.shape[0]) if keys_first else (q_slot.shape[0], k_slot.shape[0])))
 
   def dense(self) -> Array:
     """The whole mask, bool [batch, q_len, kv_len] (for the non-blockwise implementations)."""
@@ -113,15 +116,19 @@ def _blocks(q, k, v, spec, bq, bk):
   return qb, split_k(k), split_k(v), (q_slot, q_seg), (kv_valid, k_seg), lo, hi
 
 
-def _scores(spec, qi, kj, q_piece, k_pieces, j, bk):
-  """Masked scores [b, kvh, bq, g, bk] of query block ``qi`` and key block ``j``."""
+def _scores(spec, qi, kj, q_piece, k_pieces, j, bk, keys_first=False):
+  """Masked scores [b, kvh, bq, g, bk] of query block ``qi`` [b, kvh, bq, g, d] and key block
+  ``j`` (``keys_first``: [b, kvh, bk, g, bq] of ``qi`` [b, kvh, g, bq, d])."""
   q_slot, q_seg = q_piece
   kv_valid, k_seg = k_pieces
-  s = jnp.einsum('bkqgd,bksd->bkqgs', qi, kj, preferred_element_type=jnp.float32)
+  if keys_first:
+    s = jnp.einsum('bksd,bkgqd->bksgq', kj, qi, preferred_element_type=jnp.float32)
+  else:
+    s = jnp.einsum('bkqgd,bksd->bkqgs', qi, kj, preferred_element_type=jnp.float32)
   s = s.astype(jnp.float32) / math.sqrt(qi.shape[-1])
   mask = spec.tile(q_slot, j * bk + jnp.arange(bk), kv_valid[j], q_seg,
-                   None if k_seg is None else k_seg[j])
-  return jnp.where(mask[:, None, :, None, :], s, NEG)
+                   None if k_seg is None else k_seg[j], keys_first)[:, None, :, None]
+  return jnp.where(mask, s, NEG)
 
 
 def _forward(q, k, v, spec, bq, bk):
@@ -168,30 +175,41 @@ def _bwd(bq, bk, res, do):
   delta = jnp.sum(dob.astype(jnp.float32) * ob.astype(jnp.float32), axis=-1)
   scale = 1.0 / math.sqrt(d)
 
+  nq, _, kvh, _, g, _ = qb.shape
+  k_t = jnp.swapaxes(kb, -1, -2)     # [nk, b, kvh, d, bk]: dq's product then reads no transpose
+
+  # Keys first: p and ds are [b, kvh, bk, m] blocks, m = (group, query) pairs, so each product
+  # reads them in the layout they were computed in, and elementwise work runs along the queries.
+  # Query-first, XLA:CPU copied p and ds transposed for dv and dk (a whole block each, 60% of
+  # the backward at T = 2,048); this layout took one layer's attention gradient from 300 to 170
+  # ms there (docs/benchmarks.md, "Sequence length").
   def q_block(carry, xs):
     qi, doi, lse_i, delta_i, q_piece, lo_i, hi_i = xs
+    qi, doi = jnp.swapaxes(qi, 2, 3), jnp.swapaxes(doi, 2, 3)          # [b, kvh, g, bq, d]
+    q_m, do_m = qi.reshape(b, kvh, g * bq, d), doi.reshape(b, kvh, g * bq, d)
+    lse_t = jnp.swapaxes(lse_i, 2, 3)[:, :, None]                       # [b, kvh, 1, g, bq]
+    delta_m = jnp.swapaxes(delta_i, 2, 3).reshape(b, kvh, 1, g * bq)
 
     def k_block(j, inner):
-      dq, dk, dv = inner
-      kj, vj = kb[j], vb[j]
-      p = jnp.exp(_scores(spec, qi, kj, q_piece, k_pieces, j, bk) - lse_i[..., None])
-      dv_j = jnp.einsum('bkqgs,bkqgd->bksd', p.astype(doi.dtype), doi,
+      dq_t, dk, dv = inner
+      s = _scores(spec, qi, kb[j], q_piece, k_pieces, j, bk, keys_first=True)
+      p = jnp.exp(s - lse_t).reshape(b, kvh, bk, g * bq)   # reshaped first, the exp ran 6x slower
+      dv_j = jnp.einsum('bksm,bkmd->bksd', p.astype(doi.dtype), do_m,
                         preferred_element_type=jnp.float32)
-      dp = jnp.einsum('bkqgd,bksd->bkqgs', doi, vj, preferred_element_type=jnp.float32)
-      ds = (p * (dp - delta_i[..., None]) * scale).astype(qi.dtype)
-      dq = dq + jnp.einsum('bkqgs,bksd->bkqgd', ds, kj, preferred_element_type=jnp.float32)
-      dk_j = jnp.einsum('bkqgs,bkqgd->bksd', ds, qi, preferred_element_type=jnp.float32)
+      dp = jnp.einsum('bksd,bkmd->bksm', vb[j], do_m, preferred_element_type=jnp.float32)
+      ds = (p * (dp - delta_m) * scale).astype(qi.dtype)
+      dq_t = dq_t + jnp.einsum('bkds,bksm->bkdm', k_t[j], ds, preferred_element_type=jnp.float32)
+      dk_j = jnp.einsum('bksm,bkmd->bksd', ds, q_m, preferred_element_type=jnp.float32)
       add = lambda a, x: jax.lax.dynamic_update_index_in_dim(a, a[j] + x, j, 0)
-      return dq, add(dk, dk_j), add(dv, dv_j)
+      return dq_t, add(dk, dk_j), add(dv, dv_j)
 
-    dq, dk, dv = jax.lax.fori_loop(lo_i, hi_i, k_block,
-                                   (jnp.zeros(qi.shape, jnp.float32),) + carry)
-    return (dk, dv), dq
+    dq_t, dk, dv = jax.lax.fori_loop(
+        lo_i, hi_i, k_block, (jnp.zeros((b, kvh, d, g * bq), jnp.float32),) + carry)
+    return (dk, dv), dq_t.reshape(b, kvh, d, g, bq).transpose(0, 1, 4, 3, 2)
 
   zeros = jnp.zeros(kb.shape, jnp.float32)
   (dk, dv), dq = jax.lax.scan(q_block, (zeros, zeros),
                               (qb, dob, lse, delta, q_pieces, lo, hi))
-  nq, _, kvh, _, g, _ = qb.shape
   unblock_k = lambda a: a.transpose(1, 0, 3, 2, 4).reshape(b, -1, kvh, d)[:, :s_len]
   # Rows that see no key average v uniformly: each key's dv gets their summed do / s_len.
   dead_do = jnp.where(jnp.isinf(lse)[..., None], dob.astype(jnp.float32), 0.0)
