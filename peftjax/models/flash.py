@@ -157,7 +157,10 @@ def _forward(q, k, v, spec, bq, bk):
     out = jnp.where(dead[..., None], vmean, acc / jnp.where(dead, 1.0, l)[..., None])
     return out.astype(q.dtype), jnp.where(dead, jnp.inf, m + jnp.log(l))
 
-  ob, lse = jax.lax.map(q_block, (qb, q_pieces, lo, hi))
+  # Query blocks unrolled, not a lax.map: independent loops that XLA:CPU runs concurrently.
+  blocks = [q_block(jax.tree.map(lambda a: a[i], (qb, q_pieces, lo, hi)))
+            for i in range(qb.shape[0])]
+  ob, lse = (jnp.stack(a) for a in zip(*blocks))
   out = ob.transpose(1, 0, 3, 2, 4, 5).reshape(b, nq * bq, h, d)[:, :t]
   return out, (q, k, v, spec, ob, lse)
 
