@@ -34,6 +34,7 @@ Array = jax.Array
 
 BLOCK_Q = 512   # query rows per block
 BLOCK_K = 512   # keys per block
+CHAINS = 2      # independent dk, dv accumulators of the backward (memory: two per chain)
 NEG = float(jnp.finfo(jnp.float32).min)   # the einsum reference's masked score
 
 
@@ -210,9 +211,17 @@ def _bwd(bq, bk, res, do):
         lo_i, hi_i, k_block, (jnp.zeros((b, kvh, d, g * bq), jnp.float32),) + carry)
     return (dk, dv), dq_t.reshape(b, kvh, d, g, bq).transpose(0, 1, 4, 3, 2)
 
+  # Query blocks unrolled into CHAINS interleaved chains, each with its own dk, dv sums:
+  # independent key loops that XLA:CPU runs concurrently (one chain ran them in sequence).
   zeros = jnp.zeros(kb.shape, jnp.float32)
-  (dk, dv), dq = jax.lax.scan(q_block, (zeros, zeros),
-                              (qb, dob, lse, delta, q_pieces, lo, hi))
+  sums, dq = [(zeros, zeros)] * min(CHAINS, nq), []
+  for i in range(nq):
+    c = i % len(sums)
+    sums[c], dq_i = q_block(sums[c], jax.tree.map(
+        lambda a: a[i], (qb, dob, lse, delta, q_pieces, lo, hi)))
+    dq.append(dq_i)
+  dk, dv = (sum(a) for a in zip(*sums))
+  dq = jnp.stack(dq)
   unblock_k = lambda a: a.transpose(1, 0, 3, 2, 4).reshape(b, -1, kvh, d)[:, :s_len]
   # Rows that see no key average v uniformly: each key's dv gets their summed do / s_len.
   dead_do = jnp.where(jnp.isinf(lse)[..., None], dob.astype(jnp.float32), 0.0)
