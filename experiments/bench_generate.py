@@ -21,7 +21,6 @@ import json
 import os
 import pathlib
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -57,10 +56,8 @@ def machine() -> dict:
   import jax
   import torch
   import transformers
-  lscpu = subprocess.run(['lscpu'], capture_output=True, text=True).stdout
-  model = next((line.split(':', 1)[1].strip() for line in lscpu.splitlines()
-                if line.startswith('Model name')), 'unknown')
-  return dict(cpu=model, cores=len(os.sched_getaffinity(0)), jax=jax.__version__,
+  import run
+  return dict(cpu=run.machine(), cores=len(os.sched_getaffinity(0)), jax=jax.__version__,
               torch=torch.__version__, transformers=transformers.__version__)
 
 

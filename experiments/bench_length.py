@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import pathlib
-import platform
 import statistics
 import subprocess
 import sys
@@ -159,13 +158,6 @@ def plot(results: dict, path: str, title: str):
   fig.savefig(path, dpi=110)
 
 
-def cpu_model() -> str:
-  for line in open('/proc/cpuinfo'):
-    if line.startswith('model name'):
-      return line.split(':', 1)[1].strip()
-  return platform.processor()
-
-
 def xla_memory(rows: list[str], lengths: list[int], bts) -> str:
   """A table of ``compiled.memory_analysis()`` (temporaries; arguments and outputs are the
   weights, the same at every T) of the adapter gradient of the benchmark's loss, per peftjax
@@ -224,6 +216,7 @@ def main():
     return report(results, lengths, saved['machine'], args)
   sys.path.insert(0, str(HERE))
   import bench_train_step as bts
+  import run
   if args.xla_memory:
     return print(xla_memory(rows, lengths, bts))
   vocab = bts.model_hf_config(argparse.Namespace(device_model=None))['vocab_size']
@@ -251,7 +244,7 @@ def main():
         print(f'T={t} {name} ...', file=sys.stderr, flush=True)
         results[name][t] = run_worker(framework, extra, t, args, batch_file)
         load.append(os.getloadavg())
-        machine = (f'{cpu_model()}, {os.cpu_count()} cores, '
+        machine = (f'{run.machine()}, {os.cpu_count()} cores, '
                    f'load average up to {max(l[0] for l in load):.1f}')
         if args.json:   # after every run, so a partial grid can be reported (--report)
           pathlib.Path(args.json).write_text(json.dumps(

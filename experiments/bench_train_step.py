@@ -318,16 +318,28 @@ def torch_worker(args, ids: np.ndarray) -> dict:
 
 
 def peak_worker(args) -> dict:
-  """Matmul throughput of one jitted n x n x n ``jnp.dot`` (float32 on CPU, bf16 otherwise)."""
+  """Matmul throughput of one jitted n x n x n ``jnp.dot`` (float32 on CPU, bf16 otherwise);
+  on CPU also bf16 ``jnp.dot`` against ``torch.mm`` (recorded, not targeted: PyTorch's oneDNN
+  uses AMX where the CPU has it)."""
   import jax
   import jax.numpy as jnp
   n = args.peak_size
-  dtype = jnp.float32 if jax.default_backend() == 'cpu' else jnp.bfloat16
-  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
-  b = jax.random.normal(jax.random.key(1), (n, n), dtype)
-  dot = jax.jit(jnp.dot)
-  return {'peak_flops': matmul_flops(lambda: dot(a, b).block_until_ready(), n), 'n': n,
-          'dtype': jnp.dtype(dtype).name}
+  cpu = jax.default_backend() == 'cpu'
+
+  def jax_flops(dtype):
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+    dot = jax.jit(jnp.dot)
+    return matmul_flops(lambda: dot(a, b).block_until_ready(), n)
+
+  dtype = jnp.float32 if cpu else jnp.bfloat16
+  out = {'peak_flops': jax_flops(dtype), 'n': n, 'dtype': jnp.dtype(dtype).name}
+  if cpu:
+    import torch
+    torch.set_num_threads(args.threads)
+    a, b = (torch.randn(n, n, dtype=torch.bfloat16) for _ in 'ab')
+    out['bf16_flops'] = {'jax': jax_flops(jnp.bfloat16), 'torch': matmul_flops(lambda: a @ b, n)}
+  return out
 
 
 # ----------------------------------------------------------------------------- driver
@@ -432,8 +444,13 @@ def main():
   print(f"matmul peak ({peak['n']}^3 {peak['dtype']}): jnp.dot {peak['peak_flops'] / 1e9:.1f} GFLOP/s"
         + (f", torch {statistics.median(torch_mm) / 1e9:.1f} GFLOP/s" if torch_mm else '')
         + f"; nproc {os.cpu_count()}, load average {os.getloadavg()}")
+  if 'bf16_flops' in peak:
+    print('bfloat16 matmul: ' + ', '.join(f'{k} {v / 1e9:.1f} GFLOP/s'
+                                          for k, v in peak['bf16_flops'].items()))
   if args.json:
-    machine = dict(nproc=os.cpu_count(), loadavg=os.getloadavg(), uname=' '.join(os.uname()))
+    import run
+    machine = dict(cpu=run.machine(), nproc=os.cpu_count(), loadavg=os.getloadavg(),
+                   uname=' '.join(os.uname()))
     pathlib.Path(args.json).write_text(json.dumps(
         dict(args=vars(args), machine=machine, peak=peak, rows=rows), indent=1))
 
