@@ -222,6 +222,7 @@ def main():
   vocab = bts.model_hf_config(argparse.Namespace(device_model=None))['vocab_size']
   limit_mib = args.limit_gib * 1024
   results = {name: {} for name in rows}
+  cpu = run.machine()
   load = [os.getloadavg()]
   if args.resume and args.json and os.path.exists(args.json):
     saved = json.loads(pathlib.Path(args.json).read_text())
@@ -244,7 +245,7 @@ def main():
         print(f'T={t} {name} ...', file=sys.stderr, flush=True)
         results[name][t] = run_worker(framework, extra, t, args, batch_file)
         load.append(os.getloadavg())
-        machine = (f'{run.machine()}, {os.cpu_count()} cores, '
+        machine = (f'{cpu}, {os.cpu_count()} cores, '
                    f'load average up to {max(l[0] for l in load):.1f}')
         if args.json:   # after every run, so a partial grid can be reported (--report)
           pathlib.Path(args.json).write_text(json.dumps(

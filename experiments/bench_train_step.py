@@ -158,6 +158,14 @@ def matmul_flops(dot, n: int) -> float:
   return 2 * n**3 / statistics.median(times)
 
 
+def torch_matmul_flops(n: int, dtype, device: str = 'cpu') -> float:
+  """FLOP/s of an n x n x n ``torch.mm`` of ``dtype`` on ``device`` (see `matmul_flops`)."""
+  import torch
+  a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in 'ab')
+  sync = torch.cuda.synchronize if device == 'cuda' else lambda: None
+  return matmul_flops(lambda: (a @ b, sync()), n)
+
+
 def time_steps(run_step, warmup: int, steps: int) -> tuple[list[float], float]:
   """Runs ``warmup`` then ``steps`` synchronous steps; returns (per-step seconds, first loss)."""
   first = run_step()
@@ -305,10 +313,8 @@ def torch_worker(args, ids: np.ndarray) -> dict:
     return loss.item()
 
   times, first_loss = time_steps(run_step, args.warmup, args.steps)
-  a, b = (torch.randn(args.peak_size, args.peak_size, device=device, dtype=mm_dtype) for _ in 'ab')
-  sync = torch.cuda.synchronize if device == 'cuda' else lambda: None
   out = dict(load_s=load_s, compile_s=0.0, step_times=times, first_loss=first_loss,
-             torch_matmul_flops=matmul_flops(lambda: (a @ b, sync()), args.peak_size),
+             torch_matmul_flops=torch_matmul_flops(args.peak_size, mm_dtype, device),
              backend=device, trainable=int(sum(p.numel() for p in trainable)),
              attn_implementation=model.config._attn_implementation,
              torch_threads=torch.get_num_threads(), **memory_report(rss_after_load))
@@ -337,8 +343,8 @@ def peak_worker(args) -> dict:
   if cpu:
     import torch
     torch.set_num_threads(args.threads)
-    a, b = (torch.randn(n, n, dtype=torch.bfloat16) for _ in 'ab')
-    out['bf16_flops'] = {'jax': jax_flops(jnp.bfloat16), 'torch': matmul_flops(lambda: a @ b, n)}
+    out['bf16_flops'] = {'jax': jax_flops(jnp.bfloat16),
+                         'torch': torch_matmul_flops(n, torch.bfloat16)}
   return out
 
 

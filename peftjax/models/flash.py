@@ -34,7 +34,7 @@ Array = jax.Array
 
 BLOCK_Q = 512   # query rows per block
 BLOCK_K = 512   # keys per block
-CHAINS = 2      # independent dk, dv accumulators of the backward (memory: two per chain)
+CHAINS = 2      # backward chains of query blocks, each with its own float32 dk and dv sums
 NEG = float(jnp.finfo(jnp.float32).min)   # the einsum reference's masked score
 
 
@@ -117,6 +117,11 @@ def _blocks(q, k, v, spec, bq, bk):
   return qb, split_k(k), split_k(v), (q_slot, q_seg), (kv_valid, k_seg), lo, hi
 
 
+def _block(tree, i):
+  """Block ``i`` of every (leading-axis blocked) array in ``tree``."""
+  return jax.tree.map(lambda a: a[i], tree)
+
+
 def _scores(spec, qi, kj, q_piece, k_pieces, j, bk, keys_first=False):
   """Masked scores [b, kvh, bq, g, bk] of query block ``qi`` [b, kvh, bq, g, d] and key block
   ``j`` (``keys_first``: [b, kvh, bk, g, bq] of ``qi`` [b, kvh, g, bq, d])."""
@@ -159,8 +164,7 @@ def _forward(q, k, v, spec, bq, bk):
     return out.astype(q.dtype), jnp.where(dead, jnp.inf, m + jnp.log(l))
 
   # Query blocks unrolled, not a lax.map: independent loops that XLA:CPU runs concurrently.
-  blocks = [q_block(jax.tree.map(lambda a: a[i], (qb, q_pieces, lo, hi)))
-            for i in range(qb.shape[0])]
+  blocks = [q_block(_block((qb, q_pieces, lo, hi), i)) for i in range(nq)]
   ob, lse = (jnp.stack(a) for a in zip(*blocks))
   out = ob.transpose(1, 0, 3, 2, 4, 5).reshape(b, nq * bq, h, d)[:, :t]
   return out, (q, k, v, spec, ob, lse)
@@ -217,8 +221,7 @@ def _bwd(bq, bk, res, do):
   sums, dq = [(zeros, zeros)] * min(CHAINS, nq), []
   for i in range(nq):
     c = i % len(sums)
-    sums[c], dq_i = q_block(sums[c], jax.tree.map(
-        lambda a: a[i], (qb, dob, lse, delta, q_pieces, lo, hi)))
+    sums[c], dq_i = q_block(sums[c], _block((qb, dob, lse, delta, q_pieces, lo, hi), i))
     dq.append(dq_i)
   dk, dv = (sum(a) for a in zip(*sums))
   dq = jnp.stack(dq)
